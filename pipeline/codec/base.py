@@ -1,0 +1,119 @@
+"""The codec contract: a pure torch.nn.Module that turns mono audio into RVQ code indices and back.
+
+Every codec in audioarc is mono at its own ``sample_rate``; multichannel inputs are coded per channel
+by the pipeline. A codec is *frame-exact*: it produces exactly one code vector per ``hop_length``
+samples, and it declares the context it needs around a span of frames, so the pipeline can cut any
+length of audio into windows, encode them independently and join the decoded windows sample-exactly
+(no seams, no overlap bits spent):
+
+* encode: to get codes for frames ``[a, b)`` the codec needs samples
+  ``[a*hop - encode_context[0], b*hop + encode_context[1])`` (zeros outside the signal).
+* decode: to get samples ``[a*hop, b*hop)`` the codec needs codes of frames
+  ``[a - decode_context[0], b + decode_context[1])`` (code 0 stands in outside the signal,
+  and its contribution is outside the returned span).
+* a signal of ``T`` samples has ``n_frames(T) = ceil(T / hop) + decode_context[1]`` frames,
+  the last ones covering the tail.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class CodecInfo:
+    """What an archive records about the codec that made it."""
+
+    name: str
+    version: str
+    checkpoint_hash: str
+    sample_rate: int
+    hop_length: int
+    codebook_size: int
+    n_q: int
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.hop_length
+
+    @property
+    def bits_per_code(self) -> int:
+        return int(math.ceil(math.log2(self.codebook_size)))
+
+    def kbps(self, n_q: int) -> float:
+        """Nominal bitrate of ``n_q`` stages per mono channel: n_q x log2(K) x frame_rate / 1000."""
+        return n_q * math.log2(self.codebook_size) * self.frame_rate / 1000.0
+
+
+class Codec(nn.Module):
+    """Base class of every codec. Subclasses set the class attributes and implement the four methods.
+
+    Tensors: ``wav: [B, 1, T] float32`` in [-1, 1] at ``sample_rate``; ``codes: [B, K, F] int64`` in
+    ``[0, codebook_size)`` with ``K <= n_q``.
+    """
+
+    name: str = "base"
+    version: str = "0"
+    sample_rate: int = 24000
+    hop_length: int = 320
+    codebook_size: int = 1024
+    n_q: int = 8
+    #: the n_q values this codec was trained to decode well (the bitrate ladder)
+    ladder_n_q: tuple[int, ...] = (8,)
+    encode_context: tuple[int, int] = (0, 0)  # samples (left, right)
+    decode_context: tuple[int, int] = (0, 0)  # frames (left, right)
+
+    # -- the contract -------------------------------------------------------------------------
+    def encode(self, wav: torch.Tensor, n_q: int) -> torch.Tensor:
+        """``wav: [B, 1, (b-a)*hop + ctx_l + ctx_r]`` -> ``codes: [B, n_q, b-a] int64``."""
+        raise NotImplementedError
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """``codes: [B, K, (b-a) + dctx_l + dctx_r] int64`` -> ``wav: [B, 1, (b-a)*hop] float32``."""
+        raise NotImplementedError
+
+    # -- derived ------------------------------------------------------------------------------
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.hop_length
+
+    def n_frames(self, n_samples: int) -> int:
+        return int(math.ceil(n_samples / self.hop_length)) + self.decode_context[1]
+
+    def ladder(self) -> dict[float, int]:
+        """Bitrate ladder: nominal kbps (per mono channel) -> number of quantizer stages."""
+        return {round(self.kbps(k), 3): k for k in self.ladder_n_q}
+
+    def kbps(self, n_q: int) -> float:
+        return n_q * math.log2(self.codebook_size) * self.frame_rate / 1000.0
+
+    def n_q_for_kbps(self, kbps: float) -> int:
+        """The ladder entry for ``kbps``; raises ValueError naming the ladder if it is not on it."""
+        for rate, k in self.ladder().items():
+            if abs(rate - kbps) < 1e-6 * max(1.0, kbps) or abs(rate - kbps) < 0.01:
+                return k
+        rates = ", ".join(f"{r:g}" for r in sorted(self.ladder()))
+        raise ValueError(f"codec {self.name!r} has no {kbps:g} kbps setting; its ladder is: {rates} kbps")
+
+    def checkpoint_hash(self) -> str:
+        """Content hash of every parameter and buffer: two codecs with the same hash decode alike."""
+        h = hashlib.sha256()
+        for key, tensor in sorted(self.state_dict().items()):
+            h.update(key.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def info(self) -> CodecInfo:
+        return CodecInfo(
+            name=self.name,
+            version=self.version,
+            checkpoint_hash=self.checkpoint_hash(),
+            sample_rate=self.sample_rate,
+            hop_length=self.hop_length,
+            codebook_size=self.codebook_size,
+            n_q=self.n_q,
+        )

@@ -1,0 +1,103 @@
+"""Residual vector quantization: a stack of codebooks, each quantizing the residual of the one before.
+
+Any prefix of the stack can be used to encode or decode (fewer stages = lower bitrate).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ResidualVQ(nn.Module):
+    """``n_q`` codebooks of ``codebook_size`` vectors of ``dim`` dimensions.
+
+    Tensors: ``x: [B, D, F] float32`` (D = dim, F = frames), ``codes: [B, K, F] int64``.
+    """
+
+    def __init__(self, dim: int, codebook_size: int, n_q: int):
+        super().__init__()
+        self.dim = dim
+        self.codebook_size = codebook_size
+        self.n_q = n_q
+        self.register_buffer("codebooks", torch.zeros(n_q, codebook_size, dim))
+
+    @staticmethod
+    def nearest(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """``x: [N, D]``, ``codebook: [K, D]`` -> index of the nearest entry ``[N] int64`` (L2)."""
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is constant per row
+        dist = codebook.pow(2).sum(1)[None, :] - 2.0 * (x @ codebook.t())
+        return dist.argmin(dim=1)
+
+    def encode(self, x: torch.Tensor, n_q: int | None = None) -> torch.Tensor:
+        n_q = self.n_q if n_q is None else n_q
+        if not 1 <= n_q <= self.n_q:
+            raise ValueError(f"n_q must be in [1, {self.n_q}], got {n_q}")
+        b, d, f = x.shape
+        residual = x.permute(0, 2, 1).reshape(b * f, d)
+        codes = []
+        for q in range(n_q):
+            idx = self.nearest(residual, self.codebooks[q])
+            residual = residual - self.codebooks[q][idx]
+            codes.append(idx)
+        return torch.stack(codes, dim=1).reshape(b, f, n_q).permute(0, 2, 1).contiguous()
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        b, k, f = codes.shape
+        if k > self.n_q:
+            raise ValueError(f"codes have {k} stages but this RVQ has {self.n_q}")
+        out = torch.zeros(b, f, self.dim, dtype=self.codebooks.dtype, device=codes.device)
+        for q in range(k):
+            out = out + self.codebooks[q][codes[:, q, :]]
+        return out.permute(0, 2, 1)
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> torch.Tensor:
+    """Plain Lloyd k-means with k-means++-style seeding on a subsample. ``x: [N, D]`` -> ``[k, D]``.
+
+    Empty clusters are re-seeded from the points farthest from their centroid, so every entry is used.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = x.shape[0]
+    if n < k:
+        raise ValueError(f"k-means needs at least {k} vectors, got {n}")
+    # k-means++ seeding on a subsample (cheap and spreads the initial centroids)
+    sub = x[torch.randperm(n, generator=g)[: min(n, 20 * k)]]
+    centroids = [sub[torch.randint(len(sub), (1,), generator=g)].squeeze(0)]
+    d2 = (sub - centroids[0]).pow(2).sum(1)
+    for _ in range(1, k):
+        probs = d2 / d2.sum().clamp_min(1e-12)
+        i = torch.multinomial(probs, 1, generator=g).item()
+        centroids.append(sub[i])
+        d2 = torch.minimum(d2, (sub - sub[i]).pow(2).sum(1))
+    c = torch.stack(centroids)
+    for _ in range(iters):
+        assign = torch.cat([ResidualVQ.nearest(chunk, c) for chunk in x.split(65536)])
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        new_c = sums / counts.clamp_min(1)[:, None]
+        empty = counts == 0
+        if empty.any():
+            err = (x - new_c[assign]).pow(2).sum(1)
+            far = err.topk(int(empty.sum())).indices
+            new_c[empty] = x[far]
+        c = new_c
+    return c
+
+
+def fit_residual_kmeans(x: torch.Tensor, codebook_size: int, n_q: int, iters: int = 20, seed: int = 0,
+                        log=None) -> torch.Tensor:
+    """Residual k-means: codebook q is k-means on what stages ``< q`` left. ``x: [N, D]`` -> ``[n_q, K, D]``."""
+    residual = x.clone()
+    books = []
+    for q in range(n_q):
+        c = kmeans(residual, codebook_size, iters=iters, seed=seed + q)
+        idx = torch.cat([ResidualVQ.nearest(chunk, c) for chunk in residual.split(65536)])
+        residual = residual - c[idx]
+        books.append(c)
+        if log is not None:
+            used = torch.bincount(idx, minlength=codebook_size).float()
+            p = used / used.sum()
+            ent = -(p[p > 0] * p[p > 0].log2()).sum().item()
+            log(f"stage {q + 1}/{n_q}: residual energy {residual.pow(2).mean().item():.5f}, "
+                f"utilisation {ent / torch.log2(torch.tensor(float(codebook_size))).item():.3f}")
+    return torch.stack(books)
