@@ -16,6 +16,21 @@ from .base import Codec
 
 
 @dataclass(frozen=True)
+class CodecGeometry:
+    """What cutting windows needs to know of a codec."""
+
+    sample_rate: int
+    hop_length: int
+    encode_context: tuple[int, int]
+    decode_context: tuple[int, int]
+
+    @staticmethod
+    def of(codec: Codec) -> "CodecGeometry":
+        return CodecGeometry(codec.sample_rate, codec.hop_length, tuple(codec.encode_context),
+                             tuple(codec.decode_context))
+
+
+@dataclass(frozen=True)
 class Window:
     """Frames ``[start, stop)`` of a signal and the samples the codec needs for them.
 
@@ -29,9 +44,13 @@ class Window:
 
 
 class Windower:
-    """Feed ``[C, n]`` blocks at the codec's rate with ``push``; collect ``Window``s; call ``finish``."""
+    """Feed ``[C, n]`` blocks at the codec's rate with ``push``; collect ``Window``s; call ``finish``.
 
-    def __init__(self, codec: Codec, window_frames: int, channels: int):
+    ``codec`` may be a ``Codec`` or any object with its geometry (``CodecGeometry``): the decode
+    stage cuts windows without loading the model.
+    """
+
+    def __init__(self, codec: "Codec | CodecGeometry", window_frames: int, channels: int):
         if window_frames < 1:
             raise ValueError("window_frames must be >= 1")
         self.hop = codec.hop_length

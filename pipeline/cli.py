@@ -1,0 +1,211 @@
+"""The ``audioarc`` command line: thin argument parsing over the library functions.
+
+Exit codes: 0 success; 1 the job could not run (bad options, unreadable archive, codec error);
+2 usage error; 3 the job finished but some inputs failed (each recorded in the manifest with its reason).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .errors import AudioarcError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def cmd_encode(args) -> int:
+    from .encode import EncodeConfig, run_encode
+    cfg = EncodeConfig(src=args.src, dest=args.dest, bitrate_kbps=args.bitrate, codec=args.codec,
+                       codec_weights=args.codec_weights, window_seconds=args.window_seconds, actors=args.actors,
+                       gpus_per_actor=args.gpus_per_actor, threads_per_actor=args.threads_per_actor,
+                       batch_windows=args.batch_windows, commit_every=args.commit_every,
+                       address=args.address).validate()
+    bar = None
+    on_progress = None
+    if not args.json and sys.stderr.isatty() or args.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=0, unit="file", file=sys.stderr, dynamic_ncols=True)
+        import time
+        t0 = time.time()
+
+        def on_progress(files: int, total: int, seconds: float) -> None:
+            bar.total = total
+            bar.n = files
+            rt = seconds / max(1e-9, time.time() - t0)
+            bar.set_postfix_str(f"{seconds / 3600:.3f} h audio, {rt:.1f}x realtime", refresh=False)
+            bar.refresh()
+    try:
+        s = run_encode(cfg, on_progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        _print_json(s.to_json())
+    else:
+        print(f"archived {s.files_archived}/{s.files_total} files ({s.files_skipped} unchanged, "
+              f"{s.files_failed} failed), {s.audio_seconds / 3600:.3f} h of audio in {s.wall_seconds:.1f} s "
+              f"({s.x_realtime:.1f}x realtime)")
+        print(f"codec {s.codec} at {s.bitrate_kbps:g} kbps/channel: {_human_bytes(s.source_bytes)} -> "
+              f"{_human_bytes(s.archive_bytes)} (ratio {s.compression_ratio:g}, vs 16-bit PCM "
+              f"{s.pcm_compression_ratio:g}; {s.effective_kbps:g} kbps stored)")
+        for f in s.failures:
+            print(f"FAILED {f['reason']}")
+        print(f"archive: {s.archive}")
+        print(f"report:  {s.report}")
+    return EXIT_PARTIAL if s.files_failed else EXIT_OK
+
+
+def cmd_ls(args) -> int:
+    from .restore import listing
+    rows = listing(args.dest)
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    print(f"{'status':9} {'duration':>9} {'rate':>6} {'ch':>2} {'bytes':>10} {'codes':>9}  path")
+    for r in rows:
+        print(f"{r['status']:9} {r['duration_s']:9.2f} {r['sample_rate']:6d} {r['channels']:2d} "
+              f"{_human_bytes(r['bytes']):>10} {_human_bytes(r['archive_bytes']):>9}  {r['relpath']}"
+              + (f"  ({r['reason']})" if r["reason"] else ""))
+    return EXIT_OK
+
+
+def cmd_inspect(args) -> int:
+    from .restore import inspect
+    d = inspect(args.dest)
+    if args.json:
+        _print_json(d)
+        return EXIT_OK
+    c = d["codec"]
+    print(f"archive        {d['archive']}  ({d['format']} format {d['format_version']}, "
+          f"{d['generations']} generations)")
+    print(f"codec          {c['name']} v{c['version']} checkpoint {c['checkpoint_hash']}, {c['n_q']} stages")
+    print(f"bitrate        {d['bitrate_kbps']:g} kbps per channel nominal, {d['effective_kbps']:g} kbps stored")
+    print(f"files          {d['files']} ({d['files_archived']} archived, {d['files_failed']} failed)")
+    print(f"audio          {d['hours']:.3f} h")
+    print(f"size           {_human_bytes(d['source_bytes'])} -> {_human_bytes(d['archive_bytes'])} "
+          f"(ratio {d['compression_ratio']:g})")
+    for f in d["failures"]:
+        print(f"failed         {f['reason']}")
+    return EXIT_OK
+
+
+def cmd_restore(args) -> int:
+    from .restore import RestoreConfig, run_restore
+    out = run_restore(RestoreConfig(dest=args.dest, out=args.out, patterns=tuple(args.patterns),
+                                    format=args.format, codec_weights=args.codec_weights,
+                                    address=args.address))
+    if args.json:
+        _print_json(out)
+    else:
+        for r in out:
+            print(f"{r['source']} -> {r['path']}")
+    return EXIT_OK
+
+
+def cmd_codecs(args) -> int:
+    from .restore import codecs_table
+    rows = codecs_table()
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    for r in rows:
+        if "unavailable" in r:
+            print(f"{r['name']:14} unavailable: {r['unavailable']}")
+            continue
+        rates = ", ".join(f"{b:g}" for b in r["bitrates_kbps"])
+        print(f"{r['name']:14}{' (default)' if r['default'] else ''} {r['sample_rate']} Hz, "
+              f"{r['frame_rate']:g} frames/s, {r['codebook_size']}-entry codebooks x {r['n_q']}; "
+              f"kbps per channel: {rates}\n{'':14} {r['description']}")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(args.workdir, args.files)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .codec.registry import DEFAULT_CODEC
+    p = argparse.ArgumentParser(prog="audioarc", description="Archive audio collections with a neural RVQ codec.")
+    p.add_argument("--version", action="version", version=f"audioarc {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("encode", help="archive a folder/URL prefix of audio into DEST")
+    e.add_argument("src", help="folder or URL prefix of audio files (or one file)")
+    e.add_argument("dest", help="archive root (folder or URL)")
+    e.add_argument("--bitrate", type=float, default=6.0, help="kbps per channel, on the codec's ladder (default 6)")
+    e.add_argument("--codec", default=DEFAULT_CODEC, help=f"codec name (default {DEFAULT_CODEC}; see `codecs`)")
+    e.add_argument("--codec-weights", help="checkpoint file for the codec (default: the shipped one)")
+    e.add_argument("--window-seconds", type=float, default=30.0, help="codec window length (memory bound)")
+    e.add_argument("--actors", type=int, help="codec actors (default: 1 per GPU, else CPUs/2)")
+    e.add_argument("--gpus-per-actor", type=float, help="GPUs per codec actor (fractional packs several)")
+    e.add_argument("--threads-per-actor", type=int, default=1, help="torch threads per CPU codec actor")
+    e.add_argument("--batch-windows", type=int, default=4, help="windows per codec forward pass")
+    e.add_argument("--commit-every", type=int, default=500, help="files per committed generation")
+    e.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local node)")
+    e.add_argument("--json", action="store_true", help="print one JSON summary when the job ends")
+    e.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
+    e.set_defaults(fn=cmd_encode)
+
+    ls = sub.add_parser("ls", help="list every input of an archive")
+    ls.add_argument("dest")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(fn=cmd_ls)
+
+    i = sub.add_parser("inspect", help="summary of an archive")
+    i.add_argument("dest")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_inspect)
+
+    r = sub.add_parser("restore", help="decode files from an archive")
+    r.add_argument("dest")
+    r.add_argument("out", help="output folder (source paths are recreated below it)")
+    r.add_argument("patterns", nargs="*", help="glob patterns on the source path (default: everything)")
+    r.add_argument("--format", default="flac", choices=["flac", "wav"])
+    r.add_argument("--codec-weights", help="checkpoint of the archive's codec, if not the shipped one")
+    r.add_argument("--address", help="Ray cluster address for large restores")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_restore)
+
+    c = sub.add_parser("codecs", help="available codecs and their bitrates")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=cmd_codecs)
+
+    d = sub.add_parser("demo", help="set up a small real corpus and archive it (the README's first command)")
+    d.add_argument("--workdir", default="out/demo")
+    d.add_argument("--files", type=int, default=24, help="files to take from the corpus")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except AudioarcError as e:
+        print(f"audioarc: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("audioarc: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
