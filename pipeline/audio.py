@@ -1,6 +1,7 @@
 """Audio decoding (soundfile), streaming resampling (soxr) and writing; ``[C, T] float32`` throughout."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
@@ -9,6 +10,8 @@ import soundfile as sf
 import soxr
 
 from .errors import InputError
+
+_SHORT_DATA = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.M)
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,11 @@ def read_blocks(f: BinaryIO | str, name: str, block_frames: int = 65536) -> Iter
     """
     try:
         with sf.SoundFile(f) as snd:
+            # libsndfile shortens a WAV whose data chunk breaks off, noting it in its log
+            m = _SHORT_DATA.search(snd.extra_info or "")
+            if m:
+                raise InputError(f"{name}: truncated audio: the data chunk announces {m.group(1)} bytes but "
+                                 f"only {m.group(2)} are present; re-export or replace the file")
             # container formats whose header states the exact frame count
             expected = snd.frames if snd.format in ("WAV", "WAVEX", "FLAC", "AIFF", "RF64", "W64") else 0
             got = 0

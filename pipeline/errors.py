@@ -25,5 +25,5 @@ class StorageError(AudioarcError):
     """A storage operation failed permanently (permission, missing bucket, missing object)."""
 
 
-class ConfigError(AudioarcError):
+class ConfigError(AudioarcError, ValueError):
     """Invalid options or configuration."""

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class CodecInfo:
@@ -97,7 +99,7 @@ class Codec(nn.Module):
             if abs(rate - kbps) < 1e-6 * max(1.0, kbps) or abs(rate - kbps) < 0.01:
                 return k
         rates = ", ".join(f"{r:g}" for r in sorted(self.ladder()))
-        raise ValueError(f"codec {self.name!r} has no {kbps:g} kbps setting; its ladder is: {rates} kbps")
+        raise ConfigError(f"codec {self.name!r} has no {kbps:g} kbps setting; its ladder is: {rates} kbps")
 
     def checkpoint_hash(self) -> str:
         """Content hash of every parameter and buffer: two codecs with the same hash decode alike."""

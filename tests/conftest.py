@@ -1,0 +1,52 @@
+"""Shared fixtures: one local Ray node for the whole test session, CLI runner, synthetic corpora."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray node (loopback) shared by every test of the session."""
+    import ray
+
+    from pipeline.encode import init_ray
+    init_ray()
+    yield ray
+    ray.shutdown()
+
+
+class CLI:
+    """Runs ``audioarc`` in-process (sharing the session's Ray node); returns (exit code, stdout)."""
+
+    def __init__(self, capsys):
+        self.capsys = capsys
+
+    def __call__(self, *args: str) -> tuple[int, str]:
+        from pipeline.cli import main
+        self.capsys.readouterr()
+        code = main([str(a) for a in args])
+        out = self.capsys.readouterr()
+        self.last_err = out.err
+        return code, out.out
+
+    def json(self, *args: str, expect: int | tuple[int, ...] = 0):
+        code, out = self(*args, "--json")
+        ok = (expect,) if isinstance(expect, int) else expect
+        assert code in ok, f"exit {code}, stderr: {self.last_err[-2000:]}"
+        return json.loads(out)
+
+
+@pytest.fixture
+def cli(capsys, ray_cluster):
+    return CLI(capsys)
+
+
+@pytest.fixture
+def cli_noray(capsys):
+    return CLI(capsys)

@@ -1,0 +1,223 @@
+"""End to end through the CLI on a shared local Ray node: encode, ls, inspect, restore, resume, failures."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from pipeline import archive
+from pipeline.cli import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
+from tests import audio_factory as af
+
+# (relative path, seconds, rate, channels, kind, format)
+GOOD = [
+    ("music/a_sine_44k.wav", 3.5, 44100, 1, "sine", None),
+    ("music/b_stereo_48k.flac", 2.2, 48000, 2, "chirp", None),
+    ("speech/c_8k.wav", 1.3, 8000, 1, "sine", None),
+    ("speech/d_16k_3ch.wav", 1.0, 16000, 3, "sine", None),
+    ("e_tiny_22k.ogg", 0.5, 22050, 1, "chirp", "OGG"),
+    ("f_one_frame.wav", 0.004, 24000, 1, "noise", None),  # shorter than one codec frame
+    ("g_silence.flac", 1.0, 32000, 1, "silence", None),
+]
+
+
+def make_corpus(root: Path, bad: bool = True) -> dict[str, Path]:
+    files = {}
+    for rel, secs, rate, ch, kind, fmt in GOOD:
+        files[rel] = af.write(root / rel, secs, rate, ch, kind=kind, fmt=fmt, subtype="VORBIS" if fmt else None)
+    if bad:
+        files["bad/not_audio.wav"] = af.not_audio(root / "bad/not_audio.wav")
+        files["bad/empty.flac"] = af.empty(root / "bad/empty.flac")
+        files["bad/truncated.wav"] = af.truncated(root / "bad/truncated.wav")
+        files["bad/zero_length.wav"] = af.zero_length(root / "bad/zero_length.wav")
+    return files
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory, ray_cluster):
+    """A corpus with good and bad inputs, archived once for the module (window 1 s: several windows/file)."""
+    from pipeline.cli import main
+    root = tmp_path_factory.mktemp("enc")
+    src, dest = root / "src", root / "archive"
+    files = make_corpus(src)
+    code = main(["encode", str(src), str(dest), "--window-seconds", "1", "--json"])
+    return src, dest, files, code
+
+
+def test_encode_summary_and_exit_code(encoded, capsys):
+    src, dest, files, code = encoded
+    assert code == EXIT_PARTIAL  # finished, some inputs failed
+    reports = list((dest / "reports").glob("encode-*.json"))
+    assert len(reports) == 1
+    s = json.loads(reports[0].read_text())
+    for key in ("archive", "files_total", "files_archived", "files_failed", "audio_seconds", "source_bytes",
+                "archive_bytes", "bitrate_kbps", "compression_ratio", "wall_seconds"):
+        assert key in s
+    assert s["files_total"] == len(files)
+    assert s["files_archived"] == len(GOOD)
+    assert s["files_failed"] == 4
+    assert s["audio_seconds"] == pytest.approx(sum(g[1] for g in GOOD), abs=0.01)
+    assert s["bitrate_kbps"] == 6.0
+
+
+def test_manifest_accounts_for_every_input(encoded, cli):
+    src, dest, files, _ = encoded
+    rows = cli.json("ls", dest)
+    assert sorted(r["relpath"] for r in rows) == sorted(files)
+    by = {r["relpath"]: r for r in rows}
+    for rel, secs, rate, ch, *_ in GOOD:
+        r = by[rel]
+        assert r["status"] == "archived", r
+        assert (r["sample_rate"], r["channels"]) == (rate, ch)
+        assert r["frames"] == sf.info(str(files[rel])).frames
+        assert r["archive_bytes"] > 0
+    reasons = {rel: by[rel]["reason"] for rel in files if rel.startswith("bad/")}
+    assert all(by[rel]["status"] == "failed" for rel in reasons)
+    assert "not a readable audio file" in reasons["bad/not_audio.wav"]
+    assert "empty file" in reasons["bad/empty.flac"]
+    assert "truncated" in reasons["bad/truncated.wav"]
+    assert "zero-length" in reasons["bad/zero_length.wav"]
+    for rel, reason in reasons.items():
+        assert str(files[rel]) in reason  # the message names the file
+
+
+def test_inspect(encoded, cli):
+    _, dest, files, _ = encoded
+    d = cli.json("inspect", dest)
+    assert d["format"] == "audioarc" and d["format_version"] == archive.FORMAT_VERSION
+    assert d["codec"]["name"] == "mdct_rvq" and len(d["codec"]["checkpoint_hash"]) == 16
+    assert (d["files"], d["files_archived"], d["files_failed"]) == (len(files), len(GOOD), 4)
+    assert d["compression_ratio"] > 5
+
+
+def test_restore_all_exact_frames_channels_rate(encoded, cli, tmp_path):
+    src, dest, files, _ = encoded
+    out = cli.json("restore", dest, tmp_path / "out", "--format", "wav")
+    assert len(out) == len(GOOD)
+    for pair in out:
+        rel = str(Path(pair["source"]).relative_to(src))
+        orig, o_rate = sf.read(str(files[rel]), always_2d=True)
+        back, b_rate = sf.read(pair["path"], always_2d=True)
+        assert pair["path"].endswith(".wav")
+        assert b_rate == o_rate and back.shape == orig.shape, rel
+        if rel.startswith("music/a_sine"):  # a steady tone comes back recognisably
+            assert np.corrcoef(orig[:, 0], back[:, 0])[0, 1] > 0.8
+
+
+def test_restore_one_file_by_pattern(encoded, cli, tmp_path):
+    _, dest, _, _ = encoded
+    out = cli.json("restore", dest, tmp_path / "one", "speech/c_*")
+    assert [Path(p["path"]).name for p in out] == ["c_8k.flac"]
+    assert [p.name for p in (tmp_path / "one").rglob("*") if p.is_file()] == ["c_8k.flac"]
+    code, _ = cli("restore", dest, tmp_path / "none", "no/such/*")
+    assert code == EXIT_ERROR
+
+
+def test_resume_skips_unchanged_and_reencodes_changed(tmp_path, cli):
+    src, dest = tmp_path / "src", tmp_path / "arc"
+    files = make_corpus(src, bad=False)
+    first = cli.json("encode", src, dest)
+    assert first["files_archived"] == len(GOOD) and first["files_skipped"] == 0
+    again = cli.json("encode", src, dest)
+    assert again["files_skipped"] == len(GOOD)
+    assert again["generation"] == first["generation"]  # nothing new was committed
+    af.write(files["speech/c_8k.wav"], 2.0, 8000, 1, freq=660.0)  # content changes
+    af.write(src / "new/h.wav", 1.0, 16000)
+    third = cli.json("encode", src, dest)
+    assert third["files_skipped"] == len(GOOD) - 1
+    assert third["files_archived"] == len(GOOD) + 1
+    rows = cli.json("ls", dest)
+    assert len(rows) == len({r["source"] for r in rows}) == len(GOOD) + 1  # nothing duplicated
+    c = next(r for r in rows if r["relpath"] == "speech/c_8k.wav")
+    assert c["frames"] == 16000 and c["generation"] == third["generation"]
+
+
+def test_interrupted_job_leftovers_are_invisible_and_cleaned(tmp_path, cli):
+    src, dest = tmp_path / "src", tmp_path / "arc"
+    af.write(src / "x.wav", 1.0, 16000)
+    cli.json("encode", src, dest)
+    # what a job killed mid-way leaves: staged shards and an uncommitted generation's files
+    for p in (dest / "_staging/g000002/part-00000.parquet", dest / "shards/g000002/part-00000.parquet",
+              dest / "manifest/g000002.parquet"):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"garbage from a dead job")
+    assert cli.json("inspect", dest)["files"] == 1  # readers only follow archive.json
+    af.write(src / "y.wav", 1.0, 16000)
+    s = cli.json("encode", src, dest)
+    assert s["files_archived"] == 2
+    assert not (dest / "_staging").exists() or not any((dest / "_staging").iterdir())
+    shards = sorted(p.relative_to(dest).as_posix() for p in (dest / "shards").rglob("*.parquet"))
+    assert shards == ["shards/g000001/part-00000.parquet", "shards/g000002/part-00000.parquet"]
+    assert b"garbage" not in (dest / "shards/g000002/part-00000.parquet").read_bytes()
+    assert len(cli.json("restore", dest, tmp_path / "out")) == 2
+
+
+def test_commit_every_makes_several_generations(tmp_path, cli):
+    src, dest = tmp_path / "src", tmp_path / "arc"
+    for i in range(5):
+        af.write(src / f"f{i}.wav", 0.5, 16000, freq=200 + 50 * i)
+    s = cli.json("encode", src, dest, "--commit-every", "2")
+    assert s["files_archived"] == 5
+    assert cli.json("inspect", dest)["generations"] == 3
+
+
+def test_newer_major_format_version_is_rejected(tmp_path, cli):
+    src, dest = tmp_path / "src", tmp_path / "arc"
+    af.write(src / "x.wav", 0.5, 16000)
+    cli.json("encode", src, dest)
+    rec = json.loads((dest / "archive.json").read_text())
+    rec["format_version"] = "2.0"
+    (dest / "archive.json").write_text(json.dumps(rec))
+    for cmd in (("inspect", dest), ("ls", dest), ("restore", dest, tmp_path / "o"), ("encode", src, dest)):
+        code, _ = cli(*cmd)
+        assert code == EXIT_ERROR
+        assert "format version 2.0 is not supported" in cli.last_err
+
+
+def test_restore_refuses_an_archive_of_another_codec_checkpoint(tmp_path, cli):
+    src, dest = tmp_path / "src", tmp_path / "arc"
+    af.write(src / "x.wav", 0.5, 16000)
+    cli.json("encode", src, dest)
+    rec = json.loads((dest / "archive.json").read_text())
+    rec["codec"]["checkpoint_hash"] = "0123456789abcdef"
+    (dest / "archive.json").write_text(json.dumps(rec))
+    code, _ = cli("restore", dest, tmp_path / "o")
+    assert code == EXIT_ERROR
+    assert "checkpoint 0123456789abcdef" in cli.last_err and "--codec-weights" in cli.last_err
+    assert not (tmp_path / "o").exists()
+    code, _ = cli("encode", src, dest)  # adding to it with another checkpoint is refused too
+    assert code == EXIT_ERROR
+
+
+def test_bitrate_must_match_the_archive_and_the_ladder(tmp_path, cli):
+    src, dest = tmp_path / "src", tmp_path / "arc"
+    af.write(src / "x.wav", 0.5, 16000)
+    cli.json("encode", src, dest, "--bitrate", "3")
+    assert cli.json("inspect", dest)["bitrate_kbps"] == 3.0
+    code, _ = cli("encode", src, dest, "--bitrate", "6")
+    assert code == EXIT_ERROR and "--bitrate 3" in cli.last_err
+    code, _ = cli("encode", src, tmp_path / "other", "--bitrate", "5")
+    assert code == EXIT_ERROR and "ladder" in cli.last_err
+
+
+def test_job_that_cannot_run_exits_1(tmp_path, cli):
+    code, _ = cli("encode", tmp_path / "does-not-exist", tmp_path / "arc")
+    assert code == EXIT_ERROR and "does-not-exist" in cli.last_err
+    (tmp_path / "emptydir").mkdir()
+    code, _ = cli("encode", tmp_path / "emptydir", tmp_path / "arc")
+    assert code == EXIT_ERROR and "no audio files" in cli.last_err
+
+
+def test_all_good_inputs_exit_0(tmp_path, cli):
+    af.write(tmp_path / "src/x.wav", 0.5, 16000)
+    code, _ = cli("encode", tmp_path / "src", tmp_path / "arc")
+    assert code == EXIT_OK
+
+
+def test_codecs_lists_ladder(cli_noray):
+    rows = cli_noray.json("codecs")
+    mdct = next(r for r in rows if r["name"] == "mdct_rvq")
+    assert 6.0 in mdct["bitrates_kbps"] and mdct["frame_rate"] == 75.0
