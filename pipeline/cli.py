@@ -1,7 +1,8 @@
 """The ``audioarc`` command line: thin argument parsing over the library functions.
 
 Exit codes: 0 success; 1 the job could not run (bad options, unreadable archive, codec error);
-2 usage error; 3 the job finished but some inputs failed (each recorded in the manifest with its reason).
+2 usage error; 3 the job finished but some inputs failed (each recorded in the manifest with its reason);
+4 the sampled quality fell below a --min-quality floor (files are still archived; 4 wins over 3).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
+EXIT_QUALITY = 4
 
 
 def _print_json(obj) -> None:
@@ -32,7 +34,8 @@ def _human_bytes(n: float) -> str:
 
 def cmd_encode(args) -> int:
     from .encode import EncodeConfig, run_encode
-    cfg = EncodeConfig(src=args.src, dest=args.dest, bitrate_kbps=args.bitrate, codec=args.codec,
+    qcfg = _quality_config(args, args.quality_sample)
+    cfg = EncodeConfig(quality=qcfg, src=args.src, dest=args.dest, bitrate_kbps=args.bitrate, codec=args.codec,
                        codec_weights=args.codec_weights, window_seconds=args.window_seconds, actors=args.actors,
                        gpus_per_actor=args.gpus_per_actor, threads_per_actor=args.threads_per_actor,
                        batch_windows=args.batch_windows, commit_every=args.commit_every,
@@ -67,9 +70,53 @@ def cmd_encode(args) -> int:
               f"{s.pcm_compression_ratio:g}; {s.effective_kbps:g} kbps stored)")
         for f in s.failures:
             print(f"FAILED {f['reason']}")
+        if s.quality:
+            _print_quality(s.quality["summary"], s.quality["violations"])
         print(f"archive: {s.archive}")
         print(f"report:  {s.report}")
+        if s.quality:
+            print(f"quality: {s.quality['report']}")
+    if s.quality and s.quality["violations"]:
+        return EXIT_QUALITY
     return EXIT_PARTIAL if s.files_failed else EXIT_OK
+
+
+def _quality_config(args, fraction: float):
+    from .quality import QualityConfig, parse_gates
+    return QualityConfig(fraction=fraction, seed=args.quality_seed, excerpt_seconds=args.excerpt_seconds,
+                         visqol=not args.no_visqol, gates=parse_gates(args.min_quality)).validate()
+
+
+def _print_quality(summary: dict, violations: list[dict]) -> None:
+    keys = [("mel", "mel"), ("si_sdr", "SI-SDR dB"), ("stoi", "STOI"), ("visqol", "ViSQOL"),
+            ("compression_ratio", "ratio")]
+    vals = ", ".join(f"{label} {summary[k]['median']:.3g}" for k, label in keys if k in summary)
+    print(f"quality: {summary['files_measured']}/{summary['files_sampled']} sampled files measured "
+          f"(medians: {vals}); {summary['files_bad_pairs']} bad pairs")
+    for v in violations:
+        print(f"BELOW QUALITY FLOOR {v['source']}: {', '.join(v['failed'])}")
+
+
+def cmd_quality(args) -> int:
+    from .quality import run_quality
+    r = run_quality(args.dest, _quality_config(args, 0.0), sample=args.sample, patterns=tuple(args.patterns),
+                    address=args.address)
+    if args.json:
+        _print_json({"summary": r.summary, "violations": r.violations, "files": r.rows, "table": r.table,
+                     "report": r.report})
+    else:
+        _print_quality(r.summary, r.violations)
+        print(f"table:  {r.table}\nreport: {r.report}")
+    return EXIT_QUALITY if r.violations else EXIT_OK
+
+
+def _add_quality_options(p) -> None:
+    p.add_argument("--min-quality", help="quality floor, e.g. 'mel<=1.2,stoi>=0.7' (exit 4 if a sampled file "
+                   "falls below)")
+    p.add_argument("--quality-seed", type=int, default=0, help="seed of the stratified sample")
+    p.add_argument("--excerpt-seconds", type=float, default=30.0, help="seconds evaluated per sampled file "
+                   "(from its middle; 0 = whole file)")
+    p.add_argument("--no-visqol", action="store_true", help="skip ViSQOL (slow) even when installed")
 
 
 def cmd_ls(args) -> int:
@@ -160,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-windows", type=int, default=4, help="windows per codec forward pass")
     e.add_argument("--commit-every", type=int, default=500, help="files per committed generation")
     e.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local node)")
+    e.add_argument("--quality-sample", type=float, default=0.02,
+                   help="fraction of files to sample for fidelity beside the encode (0 = off; default 0.02)")
+    _add_quality_options(e)
     e.add_argument("--json", action="store_true", help="print one JSON summary when the job ends")
     e.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
     e.set_defaults(fn=cmd_encode)
@@ -183,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", help="Ray cluster address for large restores")
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_restore)
+
+    q = sub.add_parser("quality", help="measure fidelity of a sample of an archive against the originals")
+    q.add_argument("dest")
+    q.add_argument("patterns", nargs="*", help="evaluate files matching these globs instead of a sample")
+    q.add_argument("--sample", type=int, default=None, help="number of files (stratified; default 20)")
+    q.add_argument("--address", help="Ray cluster address")
+    q.add_argument("--json", action="store_true")
+    _add_quality_options(q)
+    q.set_defaults(fn=cmd_quality)
 
     c = sub.add_parser("codecs", help="available codecs and their bitrates")
     c.add_argument("--json", action="store_true")

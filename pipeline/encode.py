@@ -14,10 +14,12 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from . import archive, audio, storage
+from . import quality as quality_mod
 from .codec import registry
 from .codec.windows import CodecGeometry, Windower
 from .errors import AudioarcError, CodecMismatchError, ConfigError, InputError, StorageError
 from .manifest import ARCHIVED, FAILED, ArchiveRecord, CodecRecord, Location, ManifestEntry
+from .quality import QualityConfig, StreamingSampler
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".w64", ".rf64",
                     ".caf", ".opus")
@@ -39,6 +41,7 @@ class EncodeConfig:
     batch_windows: int = 4  # windows per codec forward pass
     commit_every: int = 500  # files per committed generation (resume granularity)
     address: str | None = None
+    quality: "QualityConfig | None" = None  # quality sampling beside the encode; None = off
 
     def validate(self) -> "EncodeConfig":
         if self.bitrate_kbps <= 0:
@@ -77,6 +80,7 @@ class EncodeSummary:
     x_realtime: float
     failures: list[dict] = field(default_factory=list)
     report: str = ""  # URL of this summary, saved in the archive
+    quality: dict | None = None  # sampled fidelity: summary, gate violations, table and report URLs
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -328,6 +332,11 @@ def run_encode(cfg: EncodeConfig, on_progress: Callable[[int, int, float], None]
     created = existing.created_at if existing else archive.now()
     seen: dict[str, ManifestEntry] = {}
     skipped: set[str] = set()
+    q = cfg.quality if cfg.quality is not None and cfg.quality.fraction > 0 else None
+    sampler = StreamingSampler(q.fraction, q.seed) if q else None
+    q_task = ray.remote(num_cpus=0.5)(quality_mod.evaluate) if q else None
+    q_futures: list = []
+    record = existing
     files_total = 0
     for wave in _batches(_list_inputs(cfg.src), cfg.commit_every):
         files_total += len(wave)
@@ -375,8 +384,11 @@ def run_encode(cfg: EncodeConfig, on_progress: Callable[[int, int, float], None]
                 skipped.add(it["source"])
         if any(e.generation == gen for e in entries):
             generations.append(gen)
-            archive.write_record(cfg.dest, ArchiveRecord(archive.FORMAT_NAME, archive.FORMAT_VERSION, crec,
-                                                         tuple(generations), created, archive.now()))
+            record = ArchiveRecord(archive.FORMAT_NAME, archive.FORMAT_VERSION, crec, tuple(generations), created,
+                                   archive.now())
+            archive.write_record(cfg.dest, record)
+            if sampler:  # sample this generation's files now, while the next one encodes
+                q_futures += [q_task.remote(cfg.dest, record, e, q) for e in entries if sampler.offer(e)]
         if on_progress:
             f, s = ray.get(progress.get.remote())
             on_progress(f, files_total, s)
@@ -385,7 +397,19 @@ def run_encode(cfg: EncodeConfig, on_progress: Callable[[int, int, float], None]
     if not generations:  # first job on this DEST: commit an empty record so the archive exists
         archive.write_record(cfg.dest, ArchiveRecord(archive.FORMAT_NAME, archive.FORMAT_VERSION, crec, (),
                                                      created, archive.now()))
+    quality_result = None
+    if sampler:
+        q_futures += [q_task.remote(cfg.dest, record, e, q) for e in sampler.leftovers()]
+        if q_futures:
+            rows = ray.get(q_futures)
+            job_id = f"encode-{archive.now().replace(':', '')}"
+            quality_result = quality_mod.finish(cfg.dest, job_id, rows, q, {
+                "archive": cfg.dest, "codec": crec.name, "bitrate_kbps": crec.kbps_per_channel,
+                "files in job": files_total})
     summary = summarize(cfg, crec, list(seen.values()), skipped, time.time() - t0)
+    if quality_result is not None:
+        summary.quality = {"summary": quality_result.summary, "violations": quality_result.violations,
+                           "table": quality_result.table, "report": quality_result.report}
     summary.report = storage.join(cfg.dest, "reports", f"encode-{archive.now().replace(':', '')}.json")
     storage.write_bytes(summary.report, (json.dumps(summary.to_json(), indent=2) + "\n").encode())
     return summary
