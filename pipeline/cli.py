@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import __version__
@@ -38,7 +39,7 @@ def cmd_encode(args) -> int:
     cfg = EncodeConfig(quality=qcfg, src=args.src, dest=args.dest, bitrate_kbps=args.bitrate, codec=args.codec,
                        codec_weights=args.codec_weights, window_seconds=args.window_seconds, actors=args.actors,
                        gpus_per_actor=args.gpus_per_actor, threads_per_actor=args.threads_per_actor,
-                       batch_windows=args.batch_windows, commit_every=args.commit_every,
+                       batch_windows=args.batch_windows, commit_every=args.commit_every, shard_mb=args.shard_mb,
                        address=args.address).validate()
     bar = None
     on_progress = None
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads-per-actor", type=int, default=1, help="torch threads per CPU codec actor")
     e.add_argument("--batch-windows", type=int, default=4, help="windows per codec forward pass")
     e.add_argument("--commit-every", type=int, default=500, help="files per committed generation")
+    e.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MiB")
     e.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local node)")
     e.add_argument("--quality-sample", type=float, default=0.02,
                    help="fraction of files to sample for fidelity beside the encode (0 = off; default 0.02)")
@@ -264,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("audioarc: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a crash still gets a one-line reason and exit 1
+        if os.environ.get("AUDIOARC_DEBUG"):
+            raise
+        print(f"audioarc: error: unexpected {type(e).__name__}: {str(e)[:2000]}\n"
+              f"(set AUDIOARC_DEBUG=1 for the traceback; re-running the same command resumes)", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

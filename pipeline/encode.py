@@ -40,6 +40,7 @@ class EncodeConfig:
     threads_per_actor: int = 1  # torch threads in each CPU codec actor
     batch_windows: int = 4  # windows per codec forward pass
     commit_every: int = 500  # files per committed generation (resume granularity)
+    shard_mb: float = 64.0  # target shard size: rows are bundled into write tasks of about this much
     address: str | None = None
     quality: "QualityConfig | None" = None  # quality sampling beside the encode; None = off
 
@@ -52,6 +53,8 @@ class EncodeConfig:
             raise ConfigError("--actors must be >= 1")
         if self.commit_every < 1:
             raise ConfigError("--commit-every must be >= 1")
+        if self.shard_mb <= 0:
+            raise ConfigError("--shard-mb must be positive")
         if self.batch_windows < 1:
             raise ConfigError("--batch-windows must be >= 1")
         if self.src.rstrip("/") == self.dest.rstrip("/"):
@@ -210,7 +213,7 @@ class Progress:
 
 
 # -- shards ---------------------------------------------------------------------------------------
-def make_sink(dest: str, gen: int, codec: CodecRecord):
+def make_sink(dest: str, gen: int, codec: CodecRecord, shard_bytes: int):
     from ray.data import Datasink
     from ray.data.block import BlockAccessor
 
@@ -219,6 +222,10 @@ def make_sink(dest: str, gen: int, codec: CodecRecord):
 
         def __init__(self):
             self.results: list[dict] = []
+
+        @property
+        def min_bytes_per_write(self) -> int:
+            return shard_bytes  # bundle small blocks: one shard per ~shard_bytes, not one per input
 
         def write(self, blocks, ctx) -> dict:
             rel = archive.shard_relpath(gen, ctx.task_idx)
@@ -347,7 +354,7 @@ def run_encode(cfg: EncodeConfig, on_progress: Callable[[int, int, float], None]
             prev_hash = prev.content_hash if prev is not None and prev.status == ARCHIVED else ""
             items.append({"source": obj.uri, "file_id": file_id_for(obj.uri), "size": obj.size,
                           "prev_hash": prev_hash})
-        sink = make_sink(cfg.dest, gen, crec)
+        sink = make_sink(cfg.dest, gen, crec, int(cfg.shard_mb * (1 << 20)))
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.flat_map(decode_file, fn_kwargs={"geom": geom, "window_frames": window_frames},
                          num_cpus=0.5)
