@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import os
 import posixpath
 import random
@@ -311,11 +312,43 @@ def _conditional_unsupported(exc: BaseException) -> bool:
         s in text for s in ("NotImplemented", "ENOSYS", "not implemented", "IfNoneMatch", "501"))
 
 
+class _SpoolThenUpload(io.BufferedRandom):
+    """A local temp file that is uploaded (one retried PUT or multipart upload) when closed without error.
+
+    A whole-object upload can be retried after a dropped connection or a restarted server; a
+    streaming multipart writer cannot. Nothing is uploaded if the ``with`` block raises.
+    """
+
+    def __init__(self, url: str):
+        self._url = url
+        fd, self._tmp = tempfile.mkstemp(prefix="audioarc-out-")
+        super().__init__(io.FileIO(fd, "w+b"))
+        self._failed = False
+
+    def __exit__(self, exc_type, exc, tb):
+        self._failed = exc_type is not None
+        return super().__exit__(exc_type, exc, tb)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            super().close()
+            if not self._failed:
+                fs, path = fs_and_path(self._url)
+                retry(lambda: fs.put_file(self._tmp, path), f"writing {self._url}", url=self._url)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp)
+
+
 def open_write(url: str) -> BinaryIO:
+    """A writer for ``url``; on an object store the bytes are spooled locally and uploaded on close."""
     fs, path = fs_and_path(url)
     if is_local(url):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    return fs.open(path, "wb")
+        return fs.open(path, "wb")
+    return _SpoolThenUpload(url)
 
 
 #: open_read options for reading a few byte ranges of a big object (Parquet footers and row groups)
