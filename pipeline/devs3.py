@@ -79,6 +79,22 @@ class DevS3:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def metrics_url(self) -> str:
+        """Prometheus metrics of the server (S3 request counts by type)."""
+        return f"http://127.0.0.1:{self._ports[4]}/metrics"
+
+    def request_counts(self) -> dict[str, int]:
+        """S3 requests served so far, by type (GET/PUT/LIST/HEAD/...), from the server's own metrics."""
+        txt = urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
+        out: dict[str, int] = {}
+        for line in txt.splitlines():
+            if line.startswith("SeaweedFS_s3_request_seconds_count{"):
+                labels, _, v = line.rpartition(" ")
+                t = labels.split('type="', 1)[1].split('"', 1)[0] if 'type="' in labels else "?"
+                out[t] = out.get(t, 0) + int(float(v))
+        return out
+
     def env(self) -> dict[str, str]:
         return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
                 "AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
