@@ -223,7 +223,7 @@ def retry(fn: Callable[[], T], what: str, attempts: int | None = None, base: flo
     FileNotFoundError passes through (callers decide what missing means), except a missing bucket,
     which becomes a StorageError naming it when ``url`` is given. Other permanent errors fail at once;
     with ``url`` they become StorageErrors naming it (access denied: a hint to check credentials).
-    Attempts: ``attempts`` or $AUDIOARC_STORAGE_ATTEMPTS (default 8: about 20 s of backoff in all).
+    Attempts: ``attempts`` or $AUDIOARC_STORAGE_ATTEMPTS (default 8: about 15 s of backoff in all).
     """
     if attempts is None:
         attempts = max(1, int(os.environ.get("AUDIOARC_STORAGE_ATTEMPTS", "8")))
