@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import storage
-from .errors import ArchiveFormatError, CodecMismatchError
+from .errors import ArchiveFormatError, CodecMismatchError, StorageError
 from .manifest import ArchiveRecord, CodecRecord, Location, ManifestEntry
 
 FORMAT_NAME = "audioarc"
@@ -204,7 +204,8 @@ def read_file_codes(dest: str, entry: ManifestEntry, codec: CodecRecord) -> Iter
     _exit_gc()
     for shard, groups in by_shard.items():
         url = storage.join(dest, shard)
-        with storage.open_read(url) as f:
+        # small read-ahead blocks: an object store serves only the footer and these row groups' bytes
+        with storage.open_read(url, **storage.RANGE_READ) as f:
             pf = pq.ParquetFile(f)
             check_parquet_meta(pf.schema_arrow, url)
             t = pf.read_row_groups(sorted(set(groups)))
@@ -223,12 +224,16 @@ def read_file_codes(dest: str, entry: ManifestEntry, codec: CodecRecord) -> Iter
 
 
 # -- manifest -------------------------------------------------------------------------------------
-def write_manifest(url: str, entries: list[ManifestEntry]) -> None:
+def write_manifest(url: str, entries: list[ManifestEntry], exclusive: bool = False) -> None:
     table = pa.Table.from_pylist([e.to_row() for e in entries], schema=MANIFEST_SCHEMA)
     table = table.replace_schema_metadata(_meta("manifest"))
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    storage.write_bytes(url, sink.getvalue().to_pybytes())
+    try:
+        storage.write_bytes(url, sink.getvalue().to_pybytes(), exclusive=exclusive)
+    except FileExistsError:
+        raise StorageError(f"{url}: manifest of this generation already exists; another encode job is "
+                           f"writing to this archive (run one job per archive at a time)") from None
 
 
 def read_manifest_file(url: str) -> list[ManifestEntry]:

@@ -40,7 +40,7 @@ def cmd_encode(args) -> int:
                        codec_weights=args.codec_weights, window_seconds=args.window_seconds, actors=args.actors,
                        gpus_per_actor=args.gpus_per_actor, threads_per_actor=args.threads_per_actor,
                        batch_windows=args.batch_windows, commit_every=args.commit_every, shard_mb=args.shard_mb,
-                       address=args.address).validate()
+                       address=args.address, input_list=args.input_list).validate()
     bar = None
     on_progress = None
     if not args.json and sys.stderr.isatty() or args.progress:
@@ -184,6 +184,11 @@ def cmd_codecs(args) -> int:
     return EXIT_OK
 
 
+def cmd_dev_s3(args) -> int:
+    from .devs3 import serve
+    return serve(args.dir, args.port)
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(args.workdir, args.files)
@@ -212,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quality-sample", type=float, default=0.02,
                    help="fraction of files to sample for fidelity beside the encode (0 = off; default 0.02)")
     _add_quality_options(e)
+    e.add_argument("--input-list", metavar="FILE",
+                   help="encode the inputs listed in FILE (path or URL) instead of listing SRC: text with one "
+                        "URI per line, or CSV/Parquet with a uri or key column (an S3 Inventory report works); "
+                        "keys are relative to SRC")
     e.add_argument("--json", action="store_true", help="print one JSON summary when the job ends")
     e.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
     e.set_defaults(fn=cmd_encode)
@@ -249,15 +258,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_codecs)
 
+    s3 = sub.add_parser("dev-s3", help="run a local S3 server (SeaweedFS) for trying audioarc on object storage")
+    s3.add_argument("--dir", default="out/dev-s3", help="data directory (default out/dev-s3)")
+    s3.add_argument("--port", type=int, help="S3 port on 127.0.0.1 (default: a free one)")
+    s3.set_defaults(fn=cmd_dev_s3)
+
     d = sub.add_parser("demo", help="set up a small real corpus and archive it (the README's first command)")
     d.add_argument("--workdir", default="out/demo")
     d.add_argument("--files", type=int, default=24, help="files to take from the corpus")
     d.set_defaults(fn=cmd_demo)
+    for sp in (e, ls, i, r):
+        sp.add_argument("--s3-endpoint", metavar="URL",
+                        help="S3-compatible endpoint for s3:// URLs (default: AWS_ENDPOINT_URL, else AWS)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "s3_endpoint", None):
+        import os
+        os.environ["AUDIOARC_S3_ENDPOINT"] = args.s3_endpoint  # read by storage and passed on to Ray workers
     try:
         return args.fn(args)
     except AudioarcError as e:

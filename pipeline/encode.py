@@ -43,6 +43,7 @@ class EncodeConfig:
     shard_mb: float = 64.0  # target shard size: rows are bundled into write tasks of about this much
     address: str | None = None
     quality: "QualityConfig | None" = None  # quality sampling beside the encode; None = off
+    input_list: str | None = None  # text/CSV/Parquet list of inputs (e.g. an S3 Inventory report) instead of listing SRC
 
     def validate(self) -> "EncodeConfig":
         if self.bitrate_kbps <= 0:
@@ -113,11 +114,13 @@ def decode_file(item: dict, geom: CodecGeometry, window_frames: int, block_frame
     try:
         with storage.open_input(uri) as (f, digest):
             info["content_hash"] = digest
+            if isinstance(f, str):
+                info["size"] = os.path.getsize(f)
             if item["prev_hash"] and digest == item["prev_hash"]:
                 info["status"] = "skipped"
                 yield _row("info", fid, info=json.dumps(info))
                 return
-            if item["size"] == 0:
+            if info["size"] == 0:
                 raise InputError(f"{uri}: empty file (0 bytes); remove it or replace it with the real recording")
             ai = audio.probe(f, uri)
             info.update(sample_rate=ai.sample_rate, channels=ai.channels)
@@ -249,8 +252,7 @@ def make_sink(dest: str, gen: int, codec: CodecRecord, shard_bytes: int):
                    "infos": infos}
             if writer is not None:
                 writer.close()
-                out.update(shard=rel, where=writer.where, shard_bytes=storage.fs_and_path(url)[0].size(
-                    storage.fs_and_path(url)[1]))
+                out.update(shard=rel, where=writer.where, shard_bytes=storage.size(url))
             return out
 
         def on_write_complete(self, write_result) -> None:
@@ -270,6 +272,11 @@ def init_ray(address: str | None = None) -> None:
     addr = address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs = {"include_dashboard": False, "log_to_driver": bool(os.environ.get("AUDIOARC_RAY_LOGS")),
               "logging_level": "WARNING"}
+    # workers (possibly on other machines) must reach the same object store with the same credentials;
+    # the values travel in the runtime env and are never printed
+    env = {k: os.environ[k] for k in storage.STORAGE_ENV_VARS if os.environ.get(k)}
+    if env:
+        kwargs["runtime_env"] = {"env_vars": env}
     if addr == "local":
         kwargs["_node_ip_address"] = "127.0.0.1"
     ray.init(address=addr, **kwargs)
@@ -280,8 +287,90 @@ def init_ray(address: str | None = None) -> None:
 
 
 # -- the job --------------------------------------------------------------------------------------
-def _list_inputs(src: str) -> Iterator[storage.ObjectInfo]:
+def _list_inputs(src: str, input_list: str | None = None) -> Iterator[storage.ObjectInfo]:
+    """Inputs, lazily: SRC listed page by page, or the rows of an input list file streamed."""
+    if input_list:
+        yield from read_input_list(input_list, src)
+        return
     yield from storage.walk_files(src, AUDIO_EXTENSIONS)
+
+
+def _resolve(entry: str, base: str, bucket: str | None = None) -> str:
+    entry = entry.strip()
+    if "://" in entry or entry.startswith("/"):
+        return entry
+    if bucket:
+        proto = base.split("://", 1)[0] if "://" in base else "s3"
+        return f"{proto}://{bucket}/{entry.lstrip('/')}"
+    return storage.join(base, entry)
+
+
+def read_input_list(url: str, base: str, batch_rows: int = 8192) -> Iterator[storage.ObjectInfo]:
+    """Stream an input list: ``.parquet`` or ``.csv`` with a ``uri`` or ``key`` column (optional ``bucket``
+    and ``size`` columns; a headerless CSV is read as S3 Inventory: bucket, key, size, ...), or text with one
+    URI per line. Keys without a scheme are relative to ``base`` (SRC), or to their ``bucket``.
+    Sizes that are not listed are -1 (measured when the file is read). Never holds the list in memory.
+    """
+    import csv
+    import io
+    from urllib.parse import unquote_plus
+
+    low = url.lower().split("?", 1)[0]
+    if low.endswith((".parquet", ".pq")):
+        import pyarrow.parquet as pq
+        with storage.open_read(url) as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            col = next((c for c in ("uri", "url", "key", "source") if c in names), None)
+            if col is None:
+                raise ConfigError(f"{url}: input list has no uri/key column (columns: {', '.join(names)})")
+            cols = [c for c in (col, "bucket", "size") if c in names]
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
+                d = batch.to_pydict()
+                for i, v in enumerate(d[col]):
+                    if not v:
+                        continue
+                    if not v.lower().endswith(AUDIO_EXTENSIONS):
+                        continue
+                    sz = d["size"][i] if "size" in d and d["size"][i] is not None else -1
+                    yield storage.ObjectInfo(_resolve(v, base, d.get("bucket", [None] * (i + 1))[i]), int(sz), "")
+        return
+    with storage.open_read(url) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        if low.endswith((".csv", ".csv.txt")):
+            reader = csv.reader(text)
+            header = next(reader, None)
+            if header is None:
+                return
+            h = [c.strip().lower() for c in header]
+            inventory = not any(c in h for c in ("uri", "url", "key", "source"))
+            if inventory:  # S3 Inventory CSV: no header; bucket, key (URL-encoded), size, ...
+                ib, ik, isz = 0, 1, 2
+                rows = _chain_first(header, reader)
+            else:
+                ik = next(h.index(c) for c in ("uri", "url", "key", "source") if c in h)
+                ib = h.index("bucket") if "bucket" in h else None
+                isz = h.index("size") if "size" in h else None
+                rows = reader
+            for r in rows:
+                if len(r) <= ik or not r[ik].strip():
+                    continue
+                key = unquote_plus(r[ik]) if inventory else r[ik]
+                if not key.lower().endswith(AUDIO_EXTENSIONS):
+                    continue
+                bucket = r[ib] if ib is not None and len(r) > ib else None
+                sz = r[isz] if isz is not None and len(r) > isz else ""
+                yield storage.ObjectInfo(_resolve(key, base, bucket), int(sz) if sz.strip().isdigit() else -1, "")
+            return
+        for line in text:
+            line = line.strip()
+            if line and not line.startswith("#") and line.lower().endswith(AUDIO_EXTENSIONS):
+                yield storage.ObjectInfo(_resolve(line, base), -1, "")
+
+
+def _chain_first(first, rest):
+    yield first
+    yield from rest
 
 
 def _batches(it: Iterable, n: int) -> Iterator[list]:
@@ -300,6 +389,8 @@ def prepare_archive(cfg: EncodeConfig, codec) -> tuple[ArchiveRecord | None, Cod
     n_q = codec.n_q_for_kbps(cfg.bitrate_kbps)
     rec = CodecRecord(codec.name, codec.version, codec.checkpoint_hash(), codec.sample_rate, codec.hop_length,
                       codec.codebook_size, n_q, round(codec.kbps(n_q), 4))
+    storage.check_bucket(cfg.dest)
+    storage.check_bucket(cfg.input_list or cfg.src)
     existing = archive.read_record(cfg.dest)
     if existing is not None:
         old = existing.codec
@@ -345,7 +436,7 @@ def run_encode(cfg: EncodeConfig, on_progress: Callable[[int, int, float], None]
     q_futures: list = []
     record = existing
     files_total = 0
-    for wave in _batches(_list_inputs(cfg.src), cfg.commit_every):
+    for wave in _batches(_list_inputs(cfg.src, cfg.input_list), cfg.commit_every):
         files_total += len(wave)
         gen = (max(generations) if generations else 0) + 1
         items = []
@@ -450,7 +541,8 @@ def _commit_generation(cfg: EncodeConfig, gen: int, crec: CodecRecord, items: li
     for it in items:
         uri, fid = it["source"], it["file_id"]
         info = infos.get(uri)
-        base = {"source": uri, "relpath": storage.relpath(cfg.src, uri), "file_id": fid, "size": it["size"],
+        size = it["size"] if it["size"] >= 0 else int((info or {}).get("size", -1))
+        base = {"source": uri, "relpath": storage.relpath(cfg.src, uri), "file_id": fid, "size": max(size, 0),
                 "generation": gen, "encoded_at": stamp}
         if info is None:
             entries.append(ManifestEntry(content_hash="", status=FAILED,
@@ -477,7 +569,8 @@ def _commit_generation(cfg: EncodeConfig, gen: int, crec: CodecRecord, items: li
             locations=tuple(sorted(set(where.get(fid, [])), key=lambda loc: (loc.shard, loc.row_group))),
             **base))
     if entries:
-        archive.write_manifest(storage.join(cfg.dest, archive.manifest_relpath(gen)), entries)
+        # conditional create: two jobs racing for the same generation cannot both commit it
+        archive.write_manifest(storage.join(cfg.dest, archive.manifest_relpath(gen)), entries, exclusive=True)
     return entries
 
 

@@ -9,13 +9,23 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+pytest_plugins = ["tests.s3_fixtures"]
+
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray node (loopback) shared by every test of the session."""
+def ray_cluster(request):
+    """One local Ray node (loopback) shared by every test of the session.
+
+    The session's S3 server is started first, so its credentials are in the environment when Ray
+    starts and reach the workers through the runtime env; without SeaweedFS only the S3 tests skip.
+    """
     import ray
 
     from pipeline.encode import init_ray
+    try:
+        request.getfixturevalue("devs3")
+    except pytest.skip.Exception:
+        pass
     init_ray()
     yield ray
     ray.shutdown()
