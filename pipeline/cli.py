@@ -36,7 +36,8 @@ def cmd_encode(args) -> int:
                        codec_weights=args.codec_weights, window_seconds=args.window_seconds, actors=args.actors,
                        gpus_per_actor=args.gpus_per_actor, threads_per_actor=args.threads_per_actor,
                        batch_windows=args.batch_windows, commit_every=args.commit_every,
-                       address=args.address).validate()
+                       address=args.address, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+                       metrics_linger=args.metrics_linger, emit_metrics=not args.no_metrics).validate()
     bar = None
     on_progress = None
     if not args.json and sys.stderr.isatty() or args.progress:
@@ -52,7 +53,8 @@ def cmd_encode(args) -> int:
             bar.set_postfix_str(f"{seconds / 3600:.3f} h audio, {rt:.1f}x realtime", refresh=False)
             bar.refresh()
     try:
-        s = run_encode(cfg, on_progress)
+        s = run_encode(cfg, on_progress,
+                       on_metrics=lambda url: print(f"audioarc: metrics at {url}", file=sys.stderr, flush=True))
     finally:
         if bar is not None:
             bar.close()
@@ -160,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-windows", type=int, default=4, help="windows per codec forward pass")
     e.add_argument("--commit-every", type=int, default=500, help="files per committed generation")
     e.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local node)")
+    e.add_argument("--metrics-port", type=int, help="serve job metrics for Prometheus on this port (0: any free)")
+    e.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint (default loopback)")
+    e.add_argument("--metrics-linger", type=float, default=0.0, metavar="SECONDS",
+                   help="after the job, keep the endpoint up until its final values were scraped (at most this)")
+    e.add_argument("--no-metrics", action="store_true", help="no worker-side Ray metrics (overhead checks)")
     e.add_argument("--json", action="store_true", help="print one JSON summary when the job ends")
     e.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
     e.set_defaults(fn=cmd_encode)

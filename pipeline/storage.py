@@ -94,6 +94,8 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 6, base: float = 0.2, 
                 if is_transient(e):
                     raise StorageError(f"{what}: still failing after {attempts} attempts: {e}") from e
                 raise
+            from .metrics import note_retry
+            note_retry(what.split(" ", 1)[0])  # op: reading|writing|listing|...
             time.sleep(min(cap, base * 2 ** i) * (0.5 + random.random()))
     raise AssertionError("unreachable")
 
