@@ -143,6 +143,16 @@ def cmd_demo(args) -> int:
     return run_demo(args.workdir, args.files)
 
 
+def cmd_monitor(args) -> int:
+    from .monitor import run_monitor
+    try:
+        return run_monitor(port=args.port, ray_session=args.ray_session, workdir=args.workdir,
+                           grafana_port=args.grafana_port, driver=args.driver)
+    except RuntimeError as e:
+        print(f"audioarc: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .codec.registry import DEFAULT_CODEC
     p = argparse.ArgumentParser(prog="audioarc", description="Archive audio collections with a neural RVQ codec.")
@@ -194,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("codecs", help="available codecs and their bitrates")
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_codecs)
+
+    m = sub.add_parser("monitor", help="start Prometheus (and Grafana if installed) on a local job's metrics")
+    m.add_argument("--port", type=int, default=9090, help="Prometheus port on 127.0.0.1 (default 9090)")
+    m.add_argument("--ray-session", help="Ray session dir to watch (default /tmp/ray/session_latest)")
+    m.add_argument("--driver", action="append", metavar="HOST:PORT",
+                   help="also scrape this encode --metrics-port endpoint (repeatable)")
+    m.add_argument("--grafana-port", type=int, default=3000)
+    m.add_argument("--workdir", help="Prometheus config and TSDB (default ~/.cache/audioarc/monitor)")
+    m.set_defaults(fn=cmd_monitor)
 
     d = sub.add_parser("demo", help="set up a small real corpus and archive it (the README's first command)")
     d.add_argument("--workdir", default="out/demo")

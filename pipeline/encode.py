@@ -375,6 +375,9 @@ def _run_encode(cfg: EncodeConfig, on_progress, job_id: str, dm: "metrics.Driver
     manifest = archive.read_manifest(cfg.dest, existing) if existing else {}
     init_ray(cfg.address)
     import ray
+    if dm is not None:  # Prometheus file_sd entries in the Ray session dir (see dashboards/README.md)
+        from .monitor import advertise
+        dm.advertised = advertise(dm.url, job_id)
 
     gpus = ray.cluster_resources().get("GPU", 0)
     gpus_per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus else 0.0)

@@ -280,6 +280,8 @@ class DriverMetrics:
         for n in ("audioarc_job_audio_seconds", "audioarc_job_source_bytes", "audioarc_job_archive_bytes"):
             self._m[n].labels(**self.labels)
         self.server = None
+        self.url = ""
+        self.advertised: list = []  # file_sd files naming this endpoint (removed by close)
         self._scrapes = 0
         self._t0 = now
         self._last_files = 0
@@ -346,6 +348,7 @@ class DriverMetrics:
                 pass
 
         self.server = ThreadingHTTPServer((host, port), Handler)
+        self.url = f"http://{host}:{self.server.server_address[1]}/metrics"
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, name="audioarc-metrics", daemon=True).start()
         return self.server.server_address[1]
@@ -368,3 +371,8 @@ class DriverMetrics:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
+        for p in self.advertised:
+            try:
+                p.unlink()
+            except OSError:
+                pass
