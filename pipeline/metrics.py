@@ -122,6 +122,12 @@ SPECS: dict[str, Spec] = {s.name: s for s in [
 ]}
 
 
+# Ray's own per-node metrics the dashboards use (exported by every node's metrics agent; GPU ones only on
+# nodes with GPUs)
+RAY_NODE_METRICS = {"ray_node_cpu_utilization", "ray_node_cpu_count", "ray_node_mem_used", "ray_node_mem_total",
+                    "ray_node_gpus_utilization", "ray_node_gram_used", "ray_node_gram_available"}
+
+
 def exported_names() -> set[str]:
     """Every series name Prometheus can see from audioarc (dashboards may only use these + Ray's own)."""
     out: set[str] = set()
