@@ -204,7 +204,8 @@ class CodecActor:
             n_win = len(kinds) - files
             self.em.inc("audioarc_audio_seconds_in", seconds, stage="encode")
             self.em.inc("audioarc_audio_seconds_out", seconds, stage="encode")
-            self.em.inc("audioarc_files_out", files, stage="encode")
+            self.em.inc("audioarc_files_out", sum(1 for i, k in enumerate(kinds) if k == "info"
+                                                  and f'"status": "{ARCHIVED}"' in info[i]), stage="encode")
             if n_win:
                 self.em.observe("audioarc_encode_batch_seconds", time.perf_counter() - t0)
                 self.em.observe("audioarc_encode_batch_windows", n_win)
