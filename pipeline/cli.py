@@ -147,7 +147,7 @@ def cmd_monitor(args) -> int:
     from .monitor import run_monitor
     try:
         return run_monitor(port=args.port, ray_session=args.ray_session, workdir=args.workdir,
-                           grafana_port=args.grafana_port, driver=args.driver)
+                           grafana_port=args.grafana_port, driver=args.driver, once=args.once)
     except RuntimeError as e:
         print(f"audioarc: error: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -212,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also scrape this encode --metrics-port endpoint (repeatable)")
     m.add_argument("--grafana-port", type=int, default=3000)
     m.add_argument("--workdir", help="Prometheus config and TSDB (default ~/.cache/audioarc/monitor)")
+    m.add_argument("--once", action="store_true", help="start, show the targets it scrapes, stop (a check)")
     m.set_defaults(fn=cmd_monitor)
 
     d = sub.add_parser("demo", help="set up a small real corpus and archive it (the README's first command)")

@@ -259,6 +259,13 @@ def run_monitor(port: int = 9090, ray_session: str | None = None, workdir: str |
     else:
         print("grafana:    not installed (grafana-server not on PATH); import dashboards/audioarc.json by hand")
     sys.stdout.flush()
+    if once:  # let it scrape every target once (at most 30 s), show what it sees, stop
+        deadline = time.time() + 30
+        while time.time() < deadline and (not prom.targets() or any(t["health"] == "unknown"
+                                                                       for t in prom.targets())):
+            time.sleep(0.5)
+        for t in prom.targets():
+            print(f"  target {t['labels'].get('job')} {t['scrapeUrl']}: {t['health']}")
     try:
         while not once and prom.proc.poll() is None:
             time.sleep(1)
