@@ -172,7 +172,7 @@ def test_prometheus_scrapes_a_real_job(tmp_path, cli, prom_bin):
         assert last(f'ray_audioarc_files_in_total{{{J},stage="decode"}}') == len(files)
         assert last(f'ray_audioarc_failures_total{{{J}}}') == 4
         _wait(lambda: last(f'ray_audioarc_encode_batch_seconds_count{{{J}}}'), 60, "encode batches")
-        assert prom.query("ray_node_cpu_utilization"), "Ray node metrics not scraped"
+        _wait(lambda: prom.query("ray_node_cpu_utilization"), 60, "Ray's node metrics (ray_node_cpu_utilization)")
         # every dashboard panel and alert expression evaluates
         values = {}
         for where, expr in dashboard_exprs() + alert_exprs():
