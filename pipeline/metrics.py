@@ -291,7 +291,7 @@ class DriverMetrics:
         self._scrapes = 0
         self._t0 = now
         self._last_files = 0
-        self._beats: dict[str, float] = {}
+        self._src_bytes = self._arc_bytes = 0
 
     def set(self, name: str, value: float, **extra) -> None:
         self._m[name].labels(**self.labels, **extra).set(value)
@@ -321,14 +321,14 @@ class DriverMetrics:
                 self.inc("audioarc_job_audio_seconds", e.duration_s)
                 self.inc("audioarc_job_source_bytes", e.size)
                 self.inc("audioarc_job_archive_bytes", e.archive_bytes)
+                self._src_bytes += e.size
+                self._arc_bytes += e.archive_bytes
             else:
                 self.inc("audioarc_job_files", status="failed")
                 self.inc("audioarc_job_failures", reason=classify_failure(e.reason))
         self.inc("audioarc_job_files", skipped, status="skipped")
-        src = self._m["audioarc_job_source_bytes"].labels(**self.labels)._value.get()
-        arc = self._m["audioarc_job_archive_bytes"].labels(**self.labels)._value.get()
-        if arc:
-            self.set("audioarc_job_compression_ratio", src / arc)
+        if self._arc_bytes:
+            self.set("audioarc_job_compression_ratio", self._src_bytes / self._arc_bytes)
 
     def finished(self) -> None:
         self.set("audioarc_job_running", 0)
