@@ -143,7 +143,8 @@ def test_prometheus_scrapes_a_real_job(tmp_path, cli, prom_bin):
     files = make_corpus(src)
     dport = monitor.free_port()
     ray_targets = monitor.ray_metrics_targets()
-    assert ray_targets, "the local Ray node exports no metrics (is ray[default] installed?)"
+    assert ray_targets, ("the local Ray node has no metrics agent (MetricsExportPort -1): the project needs "
+                         "ray[default] (pyproject); pip install 'ray[default]' into this venv")
     cfg = monitor.render_config(wd, {}, "1s", static={"driver": [f"127.0.0.1:{dport}"], "ray": ray_targets})
     prom = monitor.Prometheus(cfg, wd, bindir=prom_bin).wait_ready()
     try:
