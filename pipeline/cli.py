@@ -40,7 +40,9 @@ def cmd_encode(args) -> int:
                        codec_weights=args.codec_weights, window_seconds=args.window_seconds, actors=args.actors,
                        gpus_per_actor=args.gpus_per_actor, threads_per_actor=args.threads_per_actor,
                        batch_windows=args.batch_windows, commit_every=args.commit_every, shard_mb=args.shard_mb,
-                       address=args.address, input_list=args.input_list).validate()
+                       address=args.address, input_list=args.input_list, metrics_port=args.metrics_port,
+                       metrics_host=args.metrics_host, metrics_linger=args.metrics_linger,
+                       emit_metrics=not args.no_metrics).validate()
     bar = None
     on_progress = None
     if not args.json and sys.stderr.isatty() or args.progress:
@@ -56,7 +58,8 @@ def cmd_encode(args) -> int:
             bar.set_postfix_str(f"{seconds / 3600:.3f} h audio, {rt:.1f}x realtime", refresh=False)
             bar.refresh()
     try:
-        s = run_encode(cfg, on_progress)
+        s = run_encode(cfg, on_progress,
+                       on_metrics=lambda url: print(f"audioarc: metrics at {url}", file=sys.stderr, flush=True))
     finally:
         if bar is not None:
             bar.close()
@@ -194,6 +197,16 @@ def cmd_demo(args) -> int:
     return run_demo(args.workdir, args.files)
 
 
+def cmd_monitor(args) -> int:
+    from .monitor import run_monitor
+    try:
+        return run_monitor(port=args.port, ray_session=args.ray_session, workdir=args.workdir,
+                           grafana_port=args.grafana_port, driver=args.driver, once=args.once)
+    except RuntimeError as e:
+        print(f"audioarc: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .codec.registry import DEFAULT_CODEC
     p = argparse.ArgumentParser(prog="audioarc", description="Archive audio collections with a neural RVQ codec.")
@@ -221,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encode the inputs listed in FILE (path or URL) instead of listing SRC: text with one "
                         "URI per line, or CSV/Parquet with a uri or key column (an S3 Inventory report works); "
                         "keys are relative to SRC")
+    e.add_argument("--metrics-port", type=int, help="serve job metrics for Prometheus on this port (0: any free)")
+    e.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint (default loopback)")
+    e.add_argument("--metrics-linger", type=float, default=0.0, metavar="SECONDS",
+                   help="after the job, keep the endpoint up until its final values were scraped (at most this)")
+    e.add_argument("--no-metrics", action="store_true", help="no worker-side Ray metrics (overhead checks)")
     e.add_argument("--json", action="store_true", help="print one JSON summary when the job ends")
     e.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
     e.set_defaults(fn=cmd_encode)
@@ -262,6 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     s3.add_argument("--dir", default="out/dev-s3", help="data directory (default out/dev-s3)")
     s3.add_argument("--port", type=int, help="S3 port on 127.0.0.1 (default: a free one)")
     s3.set_defaults(fn=cmd_dev_s3)
+    m = sub.add_parser("monitor", help="start Prometheus (and Grafana if installed) on a local job's metrics")
+    m.add_argument("--port", type=int, default=9090, help="Prometheus port on 127.0.0.1 (default 9090)")
+    m.add_argument("--ray-session", help="Ray session dir to watch (default /tmp/ray/session_latest)")
+    m.add_argument("--driver", action="append", metavar="HOST:PORT",
+                   help="also scrape this encode --metrics-port endpoint (repeatable)")
+    m.add_argument("--grafana-port", type=int, default=3000)
+    m.add_argument("--workdir", help="Prometheus config and TSDB (default ~/.cache/audioarc/monitor)")
+    m.add_argument("--once", action="store_true", help="start, show the targets it scrapes, stop (a check)")
+    m.set_defaults(fn=cmd_monitor)
 
     d = sub.add_parser("demo", help="set up a small real corpus and archive it (the README's first command)")
     d.add_argument("--workdir", default="out/demo")

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from . import archive, audio, storage
+from . import archive, audio, metrics, storage
 from . import quality as quality_mod
 from .codec import registry
 from .codec.windows import CodecGeometry, Windower
@@ -44,6 +44,10 @@ class EncodeConfig:
     address: str | None = None
     quality: "QualityConfig | None" = None  # quality sampling beside the encode; None = off
     input_list: str | None = None  # text/CSV/Parquet list of inputs (e.g. an S3 Inventory report) instead of listing SRC
+    metrics_port: int | None = None  # serve job-level metrics (prometheus_client) on this port; 0: any free
+    metrics_host: str = "127.0.0.1"
+    metrics_linger: float = 0.0  # after the job: keep serving until its final values were scraped, <= this
+    emit_metrics: bool = True  # worker-side Ray metrics (also off with AUDIOARC_METRICS=0)
 
     def validate(self) -> "EncodeConfig":
         if self.bitrate_kbps <= 0:
@@ -85,6 +89,7 @@ class EncodeSummary:
     failures: list[dict] = field(default_factory=list)
     report: str = ""  # URL of this summary, saved in the archive
     quality: dict | None = None  # sampled fidelity: summary, gate violations, table and report URLs
+    job_id: str = ""  # the job_id label of this run's metrics
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -103,14 +108,16 @@ def _row(kind: str, file_id: int, seq: int = 0, frame_start: int = 0, n_frames: 
             "channels": channels, "payload": payload, "info": info}
 
 
-def decode_file(item: dict, geom: CodecGeometry, window_frames: int, block_frames: int = 1 << 16
-                ) -> Iterator[dict]:
+def decode_file(item: dict, geom: CodecGeometry, window_frames: int, block_frames: int = 1 << 16,
+                job_tags: dict | None = None) -> Iterator[dict]:
     """One input -> its windows at the codec rate (bounded memory), then one info row.
 
     Never raises for a bad input: the failure goes into the info row.
     """
     uri, fid = item["source"], item["file_id"]
     info: dict = {"source": uri, "status": FAILED, "reason": "", "content_hash": "", "size": item["size"]}
+    em, t0, storage_err = metrics.Emitter(job_tags), time.perf_counter(), False
+    em.inc("audioarc_files_in", stage="decode")
     try:
         with storage.open_input(uri) as (f, digest):
             info["content_hash"] = digest
@@ -120,7 +127,8 @@ def decode_file(item: dict, geom: CodecGeometry, window_frames: int, block_frame
                 info["status"] = "skipped"
                 yield _row("info", fid, info=json.dumps(info))
                 return
-            if info["size"] == 0:
+            em.inc("audioarc_bytes_read", item["size"])
+            if item["size"] == 0:
                 raise InputError(f"{uri}: empty file (0 bytes); remove it or replace it with the real recording")
             ai = audio.probe(f, uri)
             info.update(sample_rate=ai.sample_rate, channels=ai.channels)
@@ -142,9 +150,15 @@ def decode_file(item: dict, geom: CodecGeometry, window_frames: int, block_frame
             info.update(status=ARCHIVED, frames=frames, duration_s=frames / ai.sample_rate,
                         codec_samples=win.total, codec_frames=win.next_frame, n_windows=win.seq)
     except (InputError, StorageError) as e:
-        info["reason"] = str(e)
+        info["reason"], storage_err = str(e), isinstance(e, StorageError)
     except Exception as e:  # noqa: BLE001 - anything else is recorded against the file, not fatal
         info["reason"] = f"{uri}: unexpected {type(e).__name__} while decoding: {e}"
+    if info["status"] == ARCHIVED:
+        em.inc("audioarc_files_out", stage="decode")
+        em.inc("audioarc_audio_seconds_out", info["duration_s"], stage="decode")
+        em.observe("audioarc_decode_file_seconds", time.perf_counter() - t0)
+    else:
+        em.inc("audioarc_failures", stage="decode", reason=metrics.classify_failure(info["reason"], storage_err))
     yield _row("info", fid, info=json.dumps(info))
 
 
@@ -152,7 +166,7 @@ class CodecActor:
     """Loads the codec once; encodes batches of windows. Info rows pass through."""
 
     def __init__(self, codec: str, weights: str | None, checkpoint_hash: str, n_q: int, device: str,
-                 threads: int, progress=None):
+                 threads: int, progress=None, job_tags: dict | None = None):
         import torch
         if device == "cpu":
             torch.set_num_threads(threads)
@@ -166,9 +180,12 @@ class CodecActor:
         self.ctx = sum(self.codec.encode_context)
         self.hop = self.codec.hop_length
         self.progress = progress
+        self.em = metrics.Emitter(job_tags)
+        self.actor = f"{os.getpid()}@{os.uname().nodename}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
+        t0 = time.perf_counter()
         payload = list(batch["payload"])
         info = list(batch["info"])
         kinds = batch["kind"]
@@ -190,9 +207,20 @@ class CodecActor:
                 payload[i] = archive.pack_codes(codes[off:off + c], self.bits)
                 off += c
             seconds += len(idx) * n_frames * self.hop / self.codec.sample_rate
+        files = sum(1 for k in kinds if k == "info")
         if self.progress is not None:
-            files = sum(1 for k in kinds if k == "info")
-            self.progress.add.remote(files=files, seconds=seconds)
+            self.progress.add.remote(files=files, seconds=seconds, actor=self.actor)
+        if self.em.on:  # per batch: a handful of metric updates
+            n_win = len(kinds) - files
+            self.em.inc("audioarc_audio_seconds_in", seconds, stage="encode")
+            self.em.inc("audioarc_audio_seconds_out", seconds, stage="encode")
+            self.em.inc("audioarc_files_out", sum(1 for i, k in enumerate(kinds) if k == "info"
+                                                  and f'"status": "{ARCHIVED}"' in info[i]), stage="encode")
+            if n_win:
+                self.em.observe("audioarc_encode_batch_seconds", time.perf_counter() - t0)
+                self.em.observe("audioarc_encode_batch_windows", n_win)
+            if self.device != "cpu":
+                self.em.gpu(torch)
         out = dict(batch)
         out["payload"] = np.array(payload, dtype=object)
         out["info"] = np.array(info, dtype=object)
@@ -206,17 +234,23 @@ class Progress:
     def __init__(self):
         self.files = 0
         self.seconds = 0.0
+        self.beats: dict[str, float] = {}  # codec actor -> last report (unix time)
 
-    def add(self, files: int = 0, seconds: float = 0.0) -> None:
+    def add(self, files: int = 0, seconds: float = 0.0, actor: str = "") -> None:
         self.files += files
         self.seconds += seconds
+        if actor:
+            self.beats[actor] = time.time()
 
     def get(self) -> tuple[int, float]:
         return self.files, self.seconds
 
+    def actors(self) -> dict[str, float]:
+        return dict(self.beats)
+
 
 # -- shards ---------------------------------------------------------------------------------------
-def make_sink(dest: str, gen: int, codec: CodecRecord, shard_bytes: int):
+def make_sink(dest: str, gen: int, codec: CodecRecord, shard_bytes: int, job_tags: dict | None = None):
     from ray.data import Datasink
     from ray.data.block import BlockAccessor
 
@@ -253,6 +287,9 @@ def make_sink(dest: str, gen: int, codec: CodecRecord, shard_bytes: int):
             if writer is not None:
                 writer.close()
                 out.update(shard=rel, where=writer.where, shard_bytes=storage.size(url))
+            em = metrics.Emitter(job_tags)
+            em.inc("audioarc_files_out", sum(1 for i in infos if i["status"] == ARCHIVED), stage="write")
+            em.inc("audioarc_bytes_written", out["shard_bytes"])
             return out
 
         def on_write_complete(self, write_result) -> None:
@@ -279,6 +316,8 @@ def init_ray(address: str | None = None) -> None:
         kwargs["runtime_env"] = {"env_vars": env}
     if addr == "local":
         kwargs["_node_ip_address"] = "127.0.0.1"
+        if os.environ.get("AUDIOARC_RAY_METRICS_PORT"):  # fixed metrics export port (see dashboards/README.md)
+            kwargs["_metrics_export_port"] = int(os.environ["AUDIOARC_RAY_METRICS_PORT"])
     ray.init(address=addr, **kwargs)
     import ray.data
     ctx = ray.data.DataContext.get_current()
@@ -407,9 +446,30 @@ def prepare_archive(cfg: EncodeConfig, codec) -> tuple[ArchiveRecord | None, Cod
     return existing, rec, n_q
 
 
-def run_encode(cfg: EncodeConfig, on_progress: Callable[[int, int, float], None] | None = None) -> EncodeSummary:
-    """Run the whole job; ``on_progress(files_done, files_total_so_far, audio_seconds)`` while it runs."""
+def run_encode(cfg: EncodeConfig, on_progress: Callable[[int, int, float], None] | None = None,
+               on_metrics: Callable[[str], None] | None = None) -> EncodeSummary:
+    """Run the whole job; ``on_progress(files_done, files_total_so_far, audio_seconds)`` while it runs;
+    ``on_metrics(url)`` once the job's metrics endpoint serves (with ``cfg.metrics_port``)."""
     cfg.validate()
+    job_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(3).hex()}"
+    dm = None
+    if cfg.metrics_port is not None:
+        dm = metrics.DriverMetrics(job_id, cfg.codec, cfg.bitrate_kbps, cfg.src, cfg.dest)
+        port = dm.serve(cfg.metrics_host, cfg.metrics_port)
+        if on_metrics:
+            on_metrics(f"http://{cfg.metrics_host}:{port}/metrics")
+    try:
+        s = _run_encode(cfg, on_progress, job_id, dm)
+        if dm is not None:
+            dm.finished()
+            dm.linger(cfg.metrics_linger)
+        return s
+    finally:
+        if dm is not None:
+            dm.close()
+
+
+def _run_encode(cfg: EncodeConfig, on_progress, job_id: str, dm: "metrics.DriverMetrics | None") -> EncodeSummary:
     t0 = time.time()
     codec = registry.load(cfg.codec, cfg.codec_weights)
     existing, crec, n_q = prepare_archive(cfg, codec)
@@ -418,6 +478,9 @@ def run_encode(cfg: EncodeConfig, on_progress: Callable[[int, int, float], None]
     manifest = archive.read_manifest(cfg.dest, existing) if existing else {}
     init_ray(cfg.address)
     import ray
+    if dm is not None:  # Prometheus file_sd entries in the Ray session dir (see dashboards/README.md)
+        from .monitor import advertise
+        dm.advertised = advertise(dm.url, job_id)
 
     gpus = ray.cluster_resources().get("GPU", 0)
     gpus_per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus else 0.0)
@@ -425,6 +488,14 @@ def run_encode(cfg: EncodeConfig, on_progress: Callable[[int, int, float], None]
     cpus = ray.cluster_resources().get("CPU", 1)
     n_actors = cfg.actors or (max(1, int(gpus / gpus_per_actor)) if gpus_per_actor else max(1, int(cpus // 2)))
     progress = ray.remote(num_cpus=0)(Progress).remote()
+    job_tags = {"job_id": job_id, "codec": crec.name, "bitrate": f"{cfg.bitrate_kbps:g}"} \
+        if cfg.emit_metrics and metrics.enabled() else None
+
+    def report(f: int, s: float) -> None:
+        if on_progress:
+            on_progress(f, files_total, s)
+        if dm is not None:
+            dm.progress(f, files_total, s, ray.get(progress.actors.remote()))
 
     generations = list(existing.generations) if existing else []
     created = existing.created_at if existing else archive.now()
@@ -445,16 +516,18 @@ def run_encode(cfg: EncodeConfig, on_progress: Callable[[int, int, float], None]
             prev_hash = prev.content_hash if prev is not None and prev.status == ARCHIVED else ""
             items.append({"source": obj.uri, "file_id": file_id_for(obj.uri), "size": obj.size,
                           "prev_hash": prev_hash})
-        sink = make_sink(cfg.dest, gen, crec, int(cfg.shard_mb * (1 << 20)))
+        sink = make_sink(cfg.dest, gen, crec, int(cfg.shard_mb * (1 << 20)), job_tags)
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.flat_map(decode_file, fn_kwargs={"geom": geom, "window_frames": window_frames},
+        ds = ds.flat_map(decode_file,
+                         fn_kwargs={"geom": geom, "window_frames": window_frames, "job_tags": job_tags},
                          num_cpus=0.5)
         actor_args = {"num_gpus": gpus_per_actor} if device == "cuda" else {"num_cpus": 0.5}
         ds = ds.map_batches(
             CodecActor, batch_size=cfg.batch_windows, batch_format="numpy",
             fn_constructor_kwargs={"codec": cfg.codec, "weights": cfg.codec_weights,
                                    "checkpoint_hash": crec.checkpoint_hash, "n_q": n_q, "device": device,
-                                   "threads": cfg.threads_per_actor, "progress": progress},
+                                   "threads": cfg.threads_per_actor, "progress": progress,
+                                   "job_tags": job_tags},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors), **actor_args)
         done = threading.Event()
         err: list[BaseException] = []
@@ -469,9 +542,8 @@ def run_encode(cfg: EncodeConfig, on_progress: Callable[[int, int, float], None]
 
         threading.Thread(target=run, daemon=True).start()
         while not done.wait(0.5):
-            if on_progress:
-                f, s = ray.get(progress.get.remote())
-                on_progress(f, files_total, s)
+            if on_progress or dm is not None:
+                report(*ray.get(progress.get.remote()))
         if err:
             raise err[0]
         entries = _commit_generation(cfg, gen, crec, items, sink.results)
@@ -480,6 +552,9 @@ def run_encode(cfg: EncodeConfig, on_progress: Callable[[int, int, float], None]
             if it["source"] not in seen:
                 seen[it["source"]] = manifest[it["source"]]
                 skipped.add(it["source"])
+        if dm is not None:
+            dm.committed([e for e in entries if e.generation == gen],
+                         skipped=sum(1 for it in items if it["source"] in skipped))
         if any(e.generation == gen for e in entries):
             generations.append(gen)
             record = ArchiveRecord(archive.FORMAT_NAME, archive.FORMAT_VERSION, crec, tuple(generations), created,
@@ -487,9 +562,8 @@ def run_encode(cfg: EncodeConfig, on_progress: Callable[[int, int, float], None]
             archive.write_record(cfg.dest, record)
             if sampler:  # sample this generation's files now, while the next one encodes
                 q_futures += [q_task.remote(cfg.dest, record, e, q) for e in entries if sampler.offer(e)]
-        if on_progress:
-            f, s = ray.get(progress.get.remote())
-            on_progress(f, files_total, s)
+        if on_progress or dm is not None:
+            report(*ray.get(progress.get.remote()))
     if files_total == 0:
         raise ConfigError(f"{cfg.src}: no audio files found (looked for {', '.join(AUDIO_EXTENSIONS)})")
     if not generations:  # first job on this DEST: commit an empty record so the archive exists
@@ -500,14 +574,16 @@ def run_encode(cfg: EncodeConfig, on_progress: Callable[[int, int, float], None]
         q_futures += [q_task.remote(cfg.dest, record, e, q) for e in sampler.leftovers()]
         if q_futures:
             rows = ray.get(q_futures)
-            job_id = f"encode-{archive.now().replace(':', '')}"
             quality_result = quality_mod.finish(cfg.dest, job_id, rows, q, {
                 "archive": cfg.dest, "codec": crec.name, "bitrate_kbps": crec.kbps_per_channel,
                 "files in job": files_total})
     summary = summarize(cfg, crec, list(seen.values()), skipped, time.time() - t0)
     if quality_result is not None:
+        if dm is not None:
+            dm.quality(quality_result.summary)
         summary.quality = {"summary": quality_result.summary, "violations": quality_result.violations,
                            "table": quality_result.table, "report": quality_result.report}
+    summary.job_id = job_id
     summary.report = storage.join(cfg.dest, "reports", f"encode-{archive.now().replace(':', '')}.json")
     storage.write_bytes(summary.report, (json.dumps(summary.to_json(), indent=2) + "\n").encode())
     return summary

@@ -8,6 +8,7 @@ import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")  # workers -> metrics agent (default 10 s)
 
 pytest_plugins = ["tests.s3_fixtures"]
 
