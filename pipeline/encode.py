@@ -499,8 +499,7 @@ def _run_encode(cfg: EncodeConfig, on_progress, job_id: str, dm: "metrics.Driver
 
     generations = list(existing.generations) if existing else []
     created = existing.created_at if existing else archive.now()
-    seen: dict[str, ManifestEntry] = {}
-    skipped: set[str] = set()
+    totals = _Totals()
     q = cfg.quality if cfg.quality is not None and cfg.quality.fraction > 0 else None
     sampler = StreamingSampler(q.fraction, q.seed) if q else None
     q_task = ray.remote(num_cpus=0.5)(quality_mod.evaluate) if q else None
@@ -547,14 +546,16 @@ def _run_encode(cfg: EncodeConfig, on_progress, job_id: str, dm: "metrics.Driver
         if err:
             raise err[0]
         entries = _commit_generation(cfg, gen, crec, items, sink.results)
-        seen.update({e.source: e for e in entries})
+        written = {e.source for e in entries}
+        for e in entries:
+            totals.add(e, skipped=False)
+        n_skipped = 0
         for it in items:  # skipped files keep their committed entry
-            if it["source"] not in seen:
-                seen[it["source"]] = manifest[it["source"]]
-                skipped.add(it["source"])
+            if it["source"] not in written:
+                totals.add(manifest[it["source"]], skipped=True)
+                n_skipped += 1
         if dm is not None:
-            dm.committed([e for e in entries if e.generation == gen],
-                         skipped=sum(1 for it in items if it["source"] in skipped))
+            dm.committed(entries, skipped=n_skipped)
         if any(e.generation == gen for e in entries):
             generations.append(gen)
             record = ArchiveRecord(archive.FORMAT_NAME, archive.FORMAT_VERSION, crec, tuple(generations), created,
@@ -577,7 +578,7 @@ def _run_encode(cfg: EncodeConfig, on_progress, job_id: str, dm: "metrics.Driver
             quality_result = quality_mod.finish(cfg.dest, job_id, rows, q, {
                 "archive": cfg.dest, "codec": crec.name, "bitrate_kbps": crec.kbps_per_channel,
                 "files in job": files_total})
-    summary = summarize(cfg, crec, list(seen.values()), skipped, time.time() - t0)
+    summary = summarize(cfg, crec, totals, time.time() - t0)
     if quality_result is not None:
         if dm is not None:
             dm.quality(quality_result.summary)
@@ -650,23 +651,52 @@ def _commit_generation(cfg: EncodeConfig, gen: int, crec: CodecRecord, items: li
     return entries
 
 
-def summarize(cfg: EncodeConfig, crec: CodecRecord, entries: list[ManifestEntry], skipped: set[str],
-              wall: float) -> EncodeSummary:
-    """Job summary over every input of the job; x_realtime counts only audio encoded by this run."""
-    ok = [e for e in entries if e.status == ARCHIVED]
-    failed = [e for e in entries if e.status != ARCHIVED]
-    audio_s = sum(e.duration_s for e in ok)
-    encoded_s = sum(e.duration_s for e in ok if e.source not in skipped)
-    src_bytes = sum(e.size for e in ok)
-    arc_bytes = sum(e.archive_bytes for e in ok)
-    pcm = sum(e.frames * e.channels * 2 for e in ok)
+@dataclass
+class _Totals:
+    """Running job totals (the driver keeps these, not one record per input)."""
+
+    MAX_FAILURES_LISTED = 1000
+
+    files: int = 0
+    archived: int = 0
+    skipped: int = 0
+    failed: int = 0
+    audio_s: float = 0.0
+    encoded_s: float = 0.0  # audio encoded by this run (not skipped)
+    source_bytes: int = 0
+    pcm_bytes: int = 0
+    archive_bytes: int = 0
+    generation: int = 0
+    failures: list = field(default_factory=list)
+
+    def add(self, e: ManifestEntry, skipped: bool) -> None:
+        self.files += 1
+        self.generation = max(self.generation, e.generation)
+        if e.status != ARCHIVED:
+            self.failed += 1
+            if len(self.failures) < self.MAX_FAILURES_LISTED:
+                self.failures.append({"source": e.source, "reason": e.reason})
+            return
+        self.archived += 1
+        self.skipped += skipped
+        self.audio_s += e.duration_s
+        self.encoded_s += 0.0 if skipped else e.duration_s
+        self.source_bytes += e.size
+        self.pcm_bytes += e.frames * e.channels * 2
+        self.archive_bytes += e.archive_bytes
+
+
+def summarize(cfg: EncodeConfig, crec: CodecRecord, t: _Totals, wall: float) -> EncodeSummary:
+    """Job summary over every input of the job; x_realtime counts only audio encoded by this run.
+    ``failures`` lists at most the first 1000 (all are in the manifest: ``audioarc ls``)."""
+    arc = t.archive_bytes
     return EncodeSummary(
-        archive=cfg.dest, generation=max([e.generation for e in entries], default=0), files_total=len(entries),
-        files_archived=len(ok), files_skipped=len(skipped), files_failed=len(failed), audio_seconds=round(audio_s, 3),
-        source_bytes=src_bytes, pcm_bytes=pcm, archive_bytes=arc_bytes, codec=crec.name,
+        archive=cfg.dest, generation=t.generation, files_total=t.files, files_archived=t.archived,
+        files_skipped=t.skipped, files_failed=t.failed, audio_seconds=round(t.audio_s, 3),
+        source_bytes=t.source_bytes, pcm_bytes=t.pcm_bytes, archive_bytes=arc, codec=crec.name,
         bitrate_kbps=crec.kbps_per_channel,
-        effective_kbps=round(arc_bytes * 8 / audio_s / 1000, 4) if audio_s else 0.0,
-        compression_ratio=round(src_bytes / arc_bytes, 2) if arc_bytes else 0.0,
-        pcm_compression_ratio=round(pcm / arc_bytes, 2) if arc_bytes else 0.0,
-        wall_seconds=round(wall, 2), x_realtime=round(encoded_s / wall, 2) if wall else 0.0,
-        failures=[{"source": e.source, "reason": e.reason} for e in failed])
+        effective_kbps=round(arc * 8 / t.audio_s / 1000, 4) if t.audio_s else 0.0,
+        compression_ratio=round(t.source_bytes / arc, 2) if arc else 0.0,
+        pcm_compression_ratio=round(t.pcm_bytes / arc, 2) if arc else 0.0,
+        wall_seconds=round(wall, 2), x_realtime=round(t.encoded_s / wall, 2) if wall else 0.0,
+        failures=t.failures)
