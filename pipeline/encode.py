@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from . import archive, audio, storage
+from . import archive, audio, placement, storage
 from . import quality as quality_mod
 from .codec import registry
 from .codec.windows import CodecGeometry, Windower
@@ -38,7 +38,10 @@ class EncodeConfig:
     actors: int | None = None  # codec actors; default: 1 per GPU, else max(1, CPUs // 2)
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
     threads_per_actor: int = 1  # torch threads in each CPU codec actor
-    batch_windows: int = 4  # windows per codec forward pass
+    batch_windows: int | None = None  # windows per codec forward pass; default 4 on CPU, 64 on GPU
+    min_actors: int | None = None  # autoscaling pool bounds (ActorPoolStrategy); default: --actors or 1
+    max_actors: int | None = None  # ... default: --actors, else 1 per GPU slot or CPUs // 2
+    precision: str = "fp32"  # GPU autocast: fp32 | bf16 | fp16 (check fidelity first: jobs/bench_codec.py)
     commit_every: int = 500  # files per committed generation (resume granularity)
     address: str | None = None
     quality: "QualityConfig | None" = None  # quality sampling beside the encode; None = off
@@ -52,8 +55,11 @@ class EncodeConfig:
             raise ConfigError("--actors must be >= 1")
         if self.commit_every < 1:
             raise ConfigError("--commit-every must be >= 1")
-        if self.batch_windows < 1:
+        if self.batch_windows is not None and self.batch_windows < 1:
             raise ConfigError("--batch-windows must be >= 1")
+        from .placement import PRECISIONS
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.src.rstrip("/") == self.dest.rstrip("/"):
             raise ConfigError("SRC and DEST must differ")
         return self
@@ -81,6 +87,7 @@ class EncodeSummary:
     failures: list[dict] = field(default_factory=list)
     report: str = ""  # URL of this summary, saved in the archive
     quality: dict | None = None  # sampled fidelity: summary, gate violations, table and report URLs
+    placement: dict | None = None  # codec actor plan + per node {actors, windows, seconds} that really ran
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -146,11 +153,21 @@ class CodecActor:
     """Loads the codec once; encodes batches of windows. Info rows pass through."""
 
     def __init__(self, codec: str, weights: str | None, checkpoint_hash: str, n_q: int, device: str,
-                 threads: int, progress=None):
+                 threads: int, progress=None, precision: str = "fp32"):
         import torch
+
+        from .placement import resolve_device
+        device = resolve_device(device)
         if device == "cpu":
             torch.set_num_threads(threads)
         self.torch = torch
+        self.precision = precision
+        try:
+            import ray
+            rc = ray.get_runtime_context()
+            self.node_id, self.actor_id = rc.get_node_id(), rc.get_actor_id()
+        except Exception:  # noqa: BLE001 - outside Ray (unit use)
+            self.node_id = self.actor_id = None
         self.codec = registry.load(codec, weights, device=device)
         if self.codec.checkpoint_hash() != checkpoint_hash:
             raise CodecMismatchError(f"codec actor loaded checkpoint {self.codec.checkpoint_hash()}, "
@@ -176,8 +193,8 @@ class CodecActor:
             length = n_frames * self.hop + self.ctx
             x = np.concatenate([np.frombuffer(payload[i], np.float32).reshape(c, length)
                                 for i, c in zip(idx, chans)])
-            with torch.inference_mode():
-                wav = torch.from_numpy(x)[:, None, :].to(self.device, non_blocking=True)
+            with torch.inference_mode(), placement.autocast(self.device, self.precision):
+                wav = placement.to_device(x, self.device)[:, None, :]
                 codes = self.codec.encode(wav, self.n_q).cpu().numpy()
             off = 0
             for i, c in zip(idx, chans):
@@ -186,7 +203,8 @@ class CodecActor:
             seconds += len(idx) * n_frames * self.hop / self.codec.sample_rate
         if self.progress is not None:
             files = sum(1 for k in kinds if k == "info")
-            self.progress.add.remote(files=files, seconds=seconds)
+            self.progress.add.remote(files=files, seconds=seconds, node=self.node_id, actor=self.actor_id,
+                                     windows=sum(len(v) for v in groups.values()))
         out = dict(batch)
         out["payload"] = np.array(payload, dtype=object)
         out["info"] = np.array(info, dtype=object)
@@ -200,10 +218,21 @@ class Progress:
     def __init__(self):
         self.files = 0
         self.seconds = 0.0
+        self.nodes: dict[str, dict] = {}  # node id -> {"actors": set, "windows": n, "seconds": s}
 
-    def add(self, files: int = 0, seconds: float = 0.0) -> None:
+    def add(self, files: int = 0, seconds: float = 0.0, node: str | None = None, actor: str | None = None,
+            windows: int = 0) -> None:
         self.files += files
         self.seconds += seconds
+        if node is not None:
+            n = self.nodes.setdefault(node, {"actors": set(), "windows": 0, "seconds": 0.0})
+            n["actors"].add(actor)
+            n["windows"] += windows
+            n["seconds"] += seconds
+
+    def by_node(self) -> dict[str, dict]:
+        return {k: {"actors": len(v["actors"]), "windows": v["windows"], "seconds": round(v["seconds"], 3)}
+                for k, v in self.nodes.items()}
 
     def get(self) -> tuple[int, float]:
         return self.files, self.seconds
@@ -265,6 +294,8 @@ def init_ray(address: str | None = None) -> None:
               "logging_level": "WARNING"}
     if addr == "local":
         kwargs["_node_ip_address"] = "127.0.0.1"
+    from .cluster import driver_kwargs
+    kwargs.update(driver_kwargs(addr))  # ship the package to the cluster's workers (runtime env)
     ray.init(address=addr, **kwargs)
     import ray.data
     ctx = ray.data.DataContext.get_current()
@@ -321,11 +352,8 @@ def run_encode(cfg: EncodeConfig, on_progress: Callable[[int, int, float], None]
     init_ray(cfg.address)
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    gpus_per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus else 0.0)
-    device = "cuda" if gpus_per_actor > 0 else "cpu"
-    cpus = ray.cluster_resources().get("CPU", 1)
-    n_actors = cfg.actors or (max(1, int(gpus / gpus_per_actor)) if gpus_per_actor else max(1, int(cpus // 2)))
+    plan = placement.plan_actors(ray.cluster_resources(), cfg.actors, cfg.gpus_per_actor, cfg.min_actors,
+                                 cfg.max_actors, cfg.batch_windows, cfg.precision)
     progress = ray.remote(num_cpus=0)(Progress).remote()
 
     generations = list(existing.generations) if existing else []
@@ -351,13 +379,14 @@ def run_encode(cfg: EncodeConfig, on_progress: Callable[[int, int, float], None]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.flat_map(decode_file, fn_kwargs={"geom": geom, "window_frames": window_frames},
                          num_cpus=0.5)
-        actor_args = {"num_gpus": gpus_per_actor} if device == "cuda" else {"num_cpus": 0.5}
         ds = ds.map_batches(
-            CodecActor, batch_size=cfg.batch_windows, batch_format="numpy",
+            CodecActor, batch_size=plan.batch_windows, batch_format="numpy",
             fn_constructor_kwargs={"codec": cfg.codec, "weights": cfg.codec_weights,
-                                   "checkpoint_hash": crec.checkpoint_hash, "n_q": n_q, "device": device,
-                                   "threads": cfg.threads_per_actor, "progress": progress},
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors), **actor_args)
+                                   "checkpoint_hash": crec.checkpoint_hash, "n_q": n_q, "device": plan.device,
+                                   "threads": cfg.threads_per_actor, "progress": progress,
+                                   "precision": plan.precision},
+            compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
+            **plan.remote_args())
         done = threading.Event()
         err: list[BaseException] = []
 
@@ -407,6 +436,7 @@ def run_encode(cfg: EncodeConfig, on_progress: Callable[[int, int, float], None]
                 "archive": cfg.dest, "codec": crec.name, "bitrate_kbps": crec.kbps_per_channel,
                 "files in job": files_total})
     summary = summarize(cfg, crec, list(seen.values()), skipped, time.time() - t0)
+    summary.placement = dict(plan.to_json(), nodes=ray.get(progress.by_node.remote()))
     if quality_result is not None:
         summary.quality = {"summary": quality_result.summary, "violations": quality_result.violations,
                            "table": quality_result.table, "report": quality_result.report}
