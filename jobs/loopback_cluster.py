@@ -88,8 +88,9 @@ class LoopbackCluster:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def _ray(self, *args: str, timeout: float = 180) -> None:
-        r = subprocess.run([RAY, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+    def _ray(self, *args: str, timeout: float = 180, **env) -> None:
+        r = subprocess.run([RAY, *args], env=dict(self.env, **env), capture_output=True, text=True,
+                           timeout=timeout)
         if r.returncode != 0:
             raise RuntimeError(f"ray {' '.join(args[:2])} failed ({r.returncode}):\n{r.stdout[-3000:]}\n"
                                f"{r.stderr[-3000:]}")
@@ -118,6 +119,9 @@ class LoopbackCluster:
                       "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
                       "--include-dashboard", "true",
                       "--temp-dir", self.temp_dir, *common, *_node_ports("127.0.0.1", used))
+            # NOTE: with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 (needed for a second node) Ray 2.60's gRPC servers
+            # listen on all interfaces even with --node-ip-address 127.x; with "0" on the head the worker cannot
+            # join. Token auth (random per-cluster token) guards them; tear down promptly.
             for i in range(self.workers):
                 ip = f"127.0.0.{2 + i}"
                 self._ray("start", "--address", self.address, "--node-ip-address", ip, *common,
