@@ -2,7 +2,7 @@
 
     python -m jobs.loopback_cluster up      # prints the addresses; Ctrl-C tears it down
 
-Head on 127.0.0.1, workers on 127.0.0.2, 127.0.0.3, ... (all of 127.0.0.0/8 reaches ``lo`` on Linux), each a
+Head on 127.0.0.2, workers on 127.0.0.3, 127.0.0.4, ... (all of 127.0.0.0/8 reaches ``lo`` on Linux), each a
 separate raylet with its own object store, started with ``ray start`` and every port chosen free and bound to
 that node's loopback address. A private ``--temp-dir`` keeps it apart from any other Ray on the machine.
 
@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MARKER = "AUDIOARC_LOOPBACK_CLUSTER"
+# Not 127.0.0.1: with multi-node enabled, Ray replaces a "localhost" node IP (127.0.0.1, ::1) with the machine's
+# routable address (services.resolve_ip_for_localhost), so the head would advertise a real interface.
+HEAD_IP = "127.0.0.2"
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
@@ -82,11 +85,11 @@ class LoopbackCluster:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.gcs_port}"
+        return f"{HEAD_IP}:{self.gcs_port}"
 
     @property
     def dashboard(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
+        return f"http://{HEAD_IP}:{self.dashboard_port}"
 
     def _ray(self, *args: str, timeout: float = 180, **env) -> None:
         r = subprocess.run([RAY, *args], env=dict(self.env, **env), capture_output=True, text=True,
@@ -110,20 +113,20 @@ class LoopbackCluster:
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in self.env.get("PYTHONPATH", "").split(os.pathsep)
                                                  if p and os.path.realpath(p) != root)
         used: set[int] = set()
-        self.gcs_port = free_port("127.0.0.1", used)
-        self.dashboard_port = free_port("127.0.0.1", used)
+        self.gcs_port = free_port(HEAD_IP, used)
+        self.dashboard_port = free_port(HEAD_IP, used)
         common = ["--num-cpus", str(self.cpus_per_node), "--num-gpus", "0", "--memory", str(self.memory_bytes),
                   "--object-store-memory", str(self.object_store_bytes), "--disable-usage-stats"]
         try:
-            self._ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
-                      "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-                      "--include-dashboard", "true",
-                      "--temp-dir", self.temp_dir, *common, *_node_ports("127.0.0.1", used))
+            self._ray("start", "--head", "--node-ip-address", HEAD_IP, "--port", str(self.gcs_port),
+                      "--dashboard-host", HEAD_IP, "--dashboard-port", str(self.dashboard_port),
+                      "--include-dashboard", "true", "--ray-client-server-port", str(free_port(HEAD_IP, used)),
+                      "--temp-dir", self.temp_dir, *common, *_node_ports(HEAD_IP, used))
             # NOTE: with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 (needed for a second node) Ray 2.60's gRPC servers
             # listen on all interfaces even with --node-ip-address 127.x; with "0" on the head the worker cannot
             # join. Token auth (random per-cluster token) guards them; tear down promptly.
             for i in range(self.workers):
-                ip = f"127.0.0.{2 + i}"
+                ip = f"127.0.0.{3 + i}"
                 self._ray("start", "--address", self.address, "--node-ip-address", ip, *common,
                           *_node_ports(ip, used))
                 self.worker_ips.append(ip)

@@ -1,4 +1,4 @@
-"""A real 2-node Ray cluster on loopback (head 127.0.0.1 + worker 127.0.0.2, `ray start`), jobs submitted with
+"""A real 2-node Ray cluster on loopback (head 127.0.0.2 + worker 127.0.0.3, `ray start`), jobs submitted with
 `ray job submit` as subprocesses, so the session's local Ray node (other tests) is untouched."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.loopback_cluster import RAY, LoopbackCluster
+from jobs.loopback_cluster import HEAD_IP, RAY, LoopbackCluster
 from tests import audio_factory as af
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +63,7 @@ def test_job_submit_spreads_codec_actors_over_both_nodes(cluster, tmp_path):
     nodes = {n["node_id"]: n["node_ip"] for n in cluster.nodes()}
     used = s["placement"]["nodes"]
     assert len(used) == 2 and set(used) <= set(nodes), (used, nodes)
-    assert {nodes[n] for n in used} == {"127.0.0.1", "127.0.0.2"}
+    assert {nodes[n] for n in used} == {HEAD_IP, cluster.worker_ips[0]} == {"127.0.0.2", "127.0.0.3"}
     assert sum(v["windows"] for v in used.values()) >= 6
 
 
@@ -73,7 +73,7 @@ def test_worker_node_killed_mid_job_every_input_once(cluster, tmp_path):
     t = time.time()
     while not (dest / "manifest").exists() and time.time() - t < 300 and p.poll() is None:
         time.sleep(0.5)  # first generation committed: the job is mid-way
-    killed = cluster.kill_node("127.0.0.2")
+    killed = cluster.kill_node(cluster.worker_ips[0])
     out = p.communicate(timeout=900)[0]
     first_rc = p.returncode
     if first_rc != 0:  # the job may fail on the lost node; a re-run (head only) must resume and finish
