@@ -12,6 +12,9 @@ import pytest
 from jobs.loopback_cluster import HEAD_IP, RAY, LoopbackCluster
 from tests import audio_factory as af
 
+pytest.importorskip("aiohttp_cors", reason="the job server needs ray[default] (pip install -e .[test])")
+pytest.importorskip("opencensus", reason="the job server needs ray[default] (pip install -e .[test])")
+
 ROOT = Path(__file__).resolve().parent.parent
 EXCLUDES = [".git", ".deps", "tests", "deploy", "out", "**/__pycache__"]
 
@@ -34,7 +37,7 @@ def corpus(root: Path, n: int) -> Path:
 
 def submit(c: LoopbackCluster, src: Path, dest: Path, *extra: str, wait: bool = True):
     cmd = [RAY, "job", "submit", "--address", c.dashboard, "--working-dir", str(ROOT),
-           "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), *([] if wait else ["--no-wait"]), "--",
+           "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--",
            "python", "-m", "jobs.encode", str(src), str(dest), "--window-seconds", "1", "--commit-every", "2",
            "--quality-sample", "0", "--json", *extra]
     if wait:
@@ -73,6 +76,7 @@ def test_worker_node_killed_mid_job_every_input_once(cluster, tmp_path):
     t = time.time()
     while not (dest / "manifest").exists() and time.time() - t < 300 and p.poll() is None:
         time.sleep(0.5)  # first generation committed: the job is mid-way
+    assert p.poll() is None, "the job ended before the first generation was committed"
     killed = cluster.kill_node(cluster.worker_ips[0])
     out = p.communicate(timeout=900)[0]
     first_rc = p.returncode
