@@ -97,3 +97,18 @@ def test_worker_node_killed_mid_job_every_input_once(cluster, tmp_path):
     archived = [row["relpath"] for row in rows if row["status"] == "archived"]
     assert sorted(archived) == srcs, "an input was archived twice (or never)"
     print(f"killed raylet {killed}; first run exit {first_rc}; {len(rows)} manifest rows\n{out[-1500:]}")
+
+
+def test_cli_address_http_submits_itself_as_a_ray_job(cluster, tmp_path):
+    import os
+    import sys
+    src, dest = corpus(tmp_path / "src", 3), tmp_path / "arc"
+    env = dict(cluster.env, PYTHONPATH=os.pathsep.join([str(ROOT), cluster.env.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "encode", str(src), str(dest), "--address",
+                        cluster.dashboard, "--window-seconds", "1", "--quality-sample", "0", "--json"],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "submitted Ray job" in r.stderr
+    s = latest_report(dest)
+    assert (s["files_total"], s["files_archived"]) == (3, 3)
+    assert "python -m jobs.encode" in r.stderr and "--address" not in r.stderr.split("jobs.encode", 1)[1]
