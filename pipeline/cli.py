@@ -42,7 +42,8 @@ def cmd_encode(args) -> int:
                        batch_windows=args.batch_windows, commit_every=args.commit_every, shard_mb=args.shard_mb,
                        address=args.address, input_list=args.input_list, metrics_port=args.metrics_port,
                        metrics_host=args.metrics_host, metrics_linger=args.metrics_linger,
-                       emit_metrics=not args.no_metrics).validate()
+                       emit_metrics=not args.no_metrics, min_actors=args.min_actors,
+                       max_actors=args.max_actors, precision=args.precision).validate()
     bar = None
     on_progress = None
     if not args.json and sys.stderr.isatty() or args.progress:
@@ -223,10 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--actors", type=int, help="codec actors (default: 1 per GPU, else CPUs/2)")
     e.add_argument("--gpus-per-actor", type=float, help="GPUs per codec actor (fractional packs several)")
     e.add_argument("--threads-per-actor", type=int, default=1, help="torch threads per CPU codec actor")
-    e.add_argument("--batch-windows", type=int, default=4, help="windows per codec forward pass")
+    e.add_argument("--batch-windows", type=int, help="windows per codec forward pass (default 4 on CPU, 64 "
+                   "on GPU)")
+    e.add_argument("--min-actors", type=int, help="autoscaling codec actor pool: fewest actors (default "
+                   "--actors or 1)")
+    e.add_argument("--max-actors", type=int, help="autoscaling codec actor pool: most actors (default "
+                   "--actors, else 1 per GPU slot or CPUs/2)")
+    e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="GPU autocast precision (CPU always fp32); check fidelity with jobs/bench_codec.py")
     e.add_argument("--commit-every", type=int, default=500, help="files per committed generation")
     e.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MiB")
-    e.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local node)")
+    e.add_argument("--address", help="Ray cluster: http://HEAD:8265 submits this command as a Ray job; "
+                   "HOST:PORT or ray://HOST:10001 connects this driver (default: RAY_ADDRESS or a local node)")
     e.add_argument("--quality-sample", type=float, default=0.02,
                    help="fraction of files to sample for fidelity beside the encode (0 = off; default 0.02)")
     _add_quality_options(e)
@@ -259,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("patterns", nargs="*", help="glob patterns on the source path (default: everything)")
     r.add_argument("--format", default="flac", choices=["flac", "wav"])
     r.add_argument("--codec-weights", help="checkpoint of the archive's codec, if not the shipped one")
-    r.add_argument("--address", help="Ray cluster address for large restores")
+    r.add_argument("--address", help="Ray cluster address for large restores (http://HEAD:8265 submits a "
+                   "Ray job)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_restore)
 
@@ -301,11 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if getattr(args, "s3_endpoint", None):
         import os
         os.environ["AUDIOARC_S3_ENDPOINT"] = args.s3_endpoint  # read by storage and passed on to Ray workers
     try:
+        from .cluster import is_job_server
+        if is_job_server(getattr(args, "address", None)):
+            from .cluster import submit
+            return submit(argv, args.address)
         return args.fn(args)
     except AudioarcError as e:
         print(f"audioarc: error: {e}", file=sys.stderr)

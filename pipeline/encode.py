@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from . import archive, audio, metrics, storage
+from . import archive, audio, metrics, placement, storage
 from . import quality as quality_mod
 from .codec import registry
 from .codec.windows import CodecGeometry, Windower
@@ -38,7 +38,10 @@ class EncodeConfig:
     actors: int | None = None  # codec actors; default: 1 per GPU, else max(1, CPUs // 2)
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
     threads_per_actor: int = 1  # torch threads in each CPU codec actor
-    batch_windows: int = 4  # windows per codec forward pass
+    batch_windows: int | None = None  # windows per codec forward pass; default 4 on CPU, 64 on GPU
+    min_actors: int | None = None  # autoscaling pool bounds (ActorPoolStrategy); default: --actors or 1
+    max_actors: int | None = None  # ... default: --actors, else 1 per GPU slot or CPUs // 2
+    precision: str = "fp32"  # GPU autocast: fp32 | bf16 | fp16 (check fidelity first: jobs/bench_codec.py)
     commit_every: int = 500  # files per committed generation (resume granularity)
     shard_mb: float = 64.0  # target shard size: rows are bundled into write tasks of about this much
     address: str | None = None
@@ -60,8 +63,11 @@ class EncodeConfig:
             raise ConfigError("--commit-every must be >= 1")
         if self.shard_mb <= 0:
             raise ConfigError("--shard-mb must be positive")
-        if self.batch_windows < 1:
+        if self.batch_windows is not None and self.batch_windows < 1:
             raise ConfigError("--batch-windows must be >= 1")
+        from .placement import PRECISIONS
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.src.rstrip("/") == self.dest.rstrip("/"):
             raise ConfigError("SRC and DEST must differ")
         return self
@@ -90,6 +96,7 @@ class EncodeSummary:
     report: str = ""  # URL of this summary, saved in the archive
     quality: dict | None = None  # sampled fidelity: summary, gate violations, table and report URLs
     job_id: str = ""  # the job_id label of this run's metrics
+    placement: dict | None = None  # codec actor plan + per node {actors, windows, seconds} that really ran
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -166,11 +173,21 @@ class CodecActor:
     """Loads the codec once; encodes batches of windows. Info rows pass through."""
 
     def __init__(self, codec: str, weights: str | None, checkpoint_hash: str, n_q: int, device: str,
-                 threads: int, progress=None, job_tags: dict | None = None):
+                 threads: int, progress=None, job_tags: dict | None = None, precision: str = "fp32"):
         import torch
+
+        from .placement import resolve_device
+        device = resolve_device(device)
         if device == "cpu":
             torch.set_num_threads(threads)
         self.torch = torch
+        self.precision = precision
+        try:
+            import ray
+            rc = ray.get_runtime_context()
+            self.node_id, self.actor_id = rc.get_node_id(), rc.get_actor_id()
+        except Exception:  # noqa: BLE001 - outside Ray (unit use)
+            self.node_id = self.actor_id = None
         self.codec = registry.load(codec, weights, device=device)
         if self.codec.checkpoint_hash() != checkpoint_hash:
             raise CodecMismatchError(f"codec actor loaded checkpoint {self.codec.checkpoint_hash()}, "
@@ -181,7 +198,6 @@ class CodecActor:
         self.hop = self.codec.hop_length
         self.progress = progress
         self.em = metrics.Emitter(job_tags)
-        self.actor = f"{os.getpid()}@{os.uname().nodename}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
@@ -199,8 +215,8 @@ class CodecActor:
             length = n_frames * self.hop + self.ctx
             x = np.concatenate([np.frombuffer(payload[i], np.float32).reshape(c, length)
                                 for i, c in zip(idx, chans)])
-            with torch.inference_mode():
-                wav = torch.from_numpy(x)[:, None, :].to(self.device, non_blocking=True)
+            with torch.inference_mode(), placement.autocast(self.device, self.precision):
+                wav = placement.to_device(x, self.device)[:, None, :]
                 codes = self.codec.encode(wav, self.n_q).cpu().numpy()
             off = 0
             for i, c in zip(idx, chans):
@@ -209,7 +225,8 @@ class CodecActor:
             seconds += len(idx) * n_frames * self.hop / self.codec.sample_rate
         files = sum(1 for k in kinds if k == "info")
         if self.progress is not None:
-            self.progress.add.remote(files=files, seconds=seconds, actor=self.actor)
+            self.progress.add.remote(files=files, seconds=seconds, node=self.node_id, actor=self.actor_id,
+                                     windows=sum(len(v) for v in groups.values()))
         if self.em.on:  # per batch: a handful of metric updates
             n_win = len(kinds) - files
             self.em.inc("audioarc_audio_seconds_in", seconds, stage="encode")
@@ -235,12 +252,23 @@ class Progress:
         self.files = 0
         self.seconds = 0.0
         self.beats: dict[str, float] = {}  # codec actor -> last report (unix time)
+        self.nodes: dict[str, dict] = {}  # node id -> {"actors": set, "windows": n, "seconds": s}
 
-    def add(self, files: int = 0, seconds: float = 0.0, actor: str = "") -> None:
+    def add(self, files: int = 0, seconds: float = 0.0, node: str | None = None, actor: str | None = None,
+            windows: int = 0) -> None:
         self.files += files
         self.seconds += seconds
         if actor:
             self.beats[actor] = time.time()
+        if node is not None:
+            n = self.nodes.setdefault(node, {"actors": set(), "windows": 0, "seconds": 0.0})
+            n["actors"].add(actor)
+            n["windows"] += windows
+            n["seconds"] += seconds
+
+    def by_node(self) -> dict[str, dict]:
+        return {k: {"actors": len(v["actors"]), "windows": v["windows"], "seconds": round(v["seconds"], 3)}
+                for k, v in self.nodes.items()}
 
     def get(self) -> tuple[int, float]:
         return self.files, self.seconds
@@ -318,6 +346,13 @@ def init_ray(address: str | None = None) -> None:
         kwargs["_node_ip_address"] = "127.0.0.1"
         if os.environ.get("AUDIOARC_RAY_METRICS_PORT"):  # fixed metrics export port (see dashboards/README.md)
             kwargs["_metrics_export_port"] = int(os.environ["AUDIOARC_RAY_METRICS_PORT"])
+    from .cluster import driver_kwargs
+    extra = driver_kwargs(addr)  # ship the package to the cluster's workers (runtime env)
+    if "runtime_env" in extra and "runtime_env" in kwargs:  # keep both: shipped code and storage env vars
+        rt = dict(extra.pop("runtime_env"))
+        rt["env_vars"] = {**rt.get("env_vars", {}), **kwargs["runtime_env"]["env_vars"]}
+        kwargs["runtime_env"] = rt
+    kwargs.update(extra)
     ray.init(address=addr, **kwargs)
     import ray.data
     ctx = ray.data.DataContext.get_current()
@@ -482,11 +517,8 @@ def _run_encode(cfg: EncodeConfig, on_progress, job_id: str, dm: "metrics.Driver
         from .monitor import advertise
         dm.advertised = advertise(dm.url, job_id)
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    gpus_per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus else 0.0)
-    device = "cuda" if gpus_per_actor > 0 else "cpu"
-    cpus = ray.cluster_resources().get("CPU", 1)
-    n_actors = cfg.actors or (max(1, int(gpus / gpus_per_actor)) if gpus_per_actor else max(1, int(cpus // 2)))
+    plan = placement.plan_actors(ray.cluster_resources(), cfg.actors, cfg.gpus_per_actor, cfg.min_actors,
+                                 cfg.max_actors, cfg.batch_windows, cfg.precision)
     progress = ray.remote(num_cpus=0)(Progress).remote()
     job_tags = {"job_id": job_id, "codec": crec.name, "bitrate": f"{cfg.bitrate_kbps:g}"} \
         if cfg.emit_metrics and metrics.enabled() else None
@@ -520,14 +552,14 @@ def _run_encode(cfg: EncodeConfig, on_progress, job_id: str, dm: "metrics.Driver
         ds = ds.flat_map(decode_file,
                          fn_kwargs={"geom": geom, "window_frames": window_frames, "job_tags": job_tags},
                          num_cpus=0.5)
-        actor_args = {"num_gpus": gpus_per_actor} if device == "cuda" else {"num_cpus": 0.5}
         ds = ds.map_batches(
-            CodecActor, batch_size=cfg.batch_windows, batch_format="numpy",
+            CodecActor, batch_size=plan.batch_windows, batch_format="numpy",
             fn_constructor_kwargs={"codec": cfg.codec, "weights": cfg.codec_weights,
-                                   "checkpoint_hash": crec.checkpoint_hash, "n_q": n_q, "device": device,
+                                   "checkpoint_hash": crec.checkpoint_hash, "n_q": n_q, "device": plan.device,
                                    "threads": cfg.threads_per_actor, "progress": progress,
-                                   "job_tags": job_tags},
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors), **actor_args)
+                                   "job_tags": job_tags, "precision": plan.precision},
+            compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
+            **plan.remote_args())
         done = threading.Event()
         err: list[BaseException] = []
 
@@ -579,6 +611,7 @@ def _run_encode(cfg: EncodeConfig, on_progress, job_id: str, dm: "metrics.Driver
                 "archive": cfg.dest, "codec": crec.name, "bitrate_kbps": crec.kbps_per_channel,
                 "files in job": files_total})
     summary = summarize(cfg, crec, totals, time.time() - t0)
+    summary.placement = dict(plan.to_json(), nodes=ray.get(progress.by_node.remote()))
     if quality_result is not None:
         if dm is not None:
             dm.quality(quality_result.summary)

@@ -1,0 +1,103 @@
+"""Codec speed per device and batch size, encode and decode, for every registered codec; optional reduced
+precision fidelity check (codes agreement + decoded SNR vs fp32); FLOPs per audio second.
+
+    python -m jobs.bench_codec [--seconds 10 --batches 1,8,64 --precision bf16]
+
+Prints one JSON line per (codec, device, batch, op): x_realtime = audio seconds processed / wall second.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from pipeline import placement
+from pipeline.codec import registry
+
+
+def flops_per_audio_second(codec, n_q: int, seconds: float = 2.0) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+    n = codec.n_frames(int(seconds * codec.sample_rate))
+    x = torch.zeros(1, 1, n * codec.hop_length + sum(codec.encode_context))
+    with FlopCounterMode(display=False) as fc:
+        codes = codec.encode(x, n_q)
+    enc = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc:
+        codec.decode(codes)
+    dec = fc.get_total_flops()
+    audio_s = n * codec.hop_length / codec.sample_rate
+    return {"encode_flops_per_audio_s": enc / audio_s, "decode_flops_per_audio_s": dec / audio_s}
+
+
+def bench(codec, device: str, batch: int, seconds: float, n_q: int, precision: str, reps: int = 3) -> list[dict]:
+    n = codec.n_frames(int(seconds * codec.sample_rate))
+    x = (0.1 * np.random.default_rng(0).standard_normal((batch, n * codec.hop_length + sum(codec.encode_context)))
+         ).astype(np.float32)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    out = []
+    with torch.inference_mode(), placement.autocast(device, precision):
+        wav = placement.to_device(x, device)[:, None, :]
+        codes = codec.encode(wav, n_q)  # warm-up
+        codec.decode(codes)
+        for op, fn in (("encode", lambda: codec.encode(placement.to_device(x, device)[:, None, :], n_q)),
+                       ("decode", lambda: codec.decode(codes).cpu())):
+            sync()
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            sync()
+            dt = (time.perf_counter() - t) / reps
+            out.append({"op": op, "x_realtime": round(batch * n * codec.hop_length / codec.sample_rate / dt, 1)})
+    return out
+
+
+def fidelity(codec, device: str, precision: str, n_q: int, seconds: float = 10.0) -> dict:
+    """Codes agreement and decoded SNR of ``precision`` vs fp32 on the same device (CPU: CPU autocast)."""
+    rng = np.random.default_rng(1)
+    n = codec.n_frames(int(seconds * codec.sample_rate))
+    t = np.arange(n * codec.hop_length + sum(codec.encode_context)) / codec.sample_rate
+    x = (0.2 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)[None]
+    with torch.inference_mode():
+        wav = placement.to_device(x, device)[:, None, :]
+        ref = codec.encode(wav, n_q)
+        with placement.autocast(device, precision, allow_cpu=True):
+            low = codec.encode(wav, n_q)
+        a, b = codec.decode(ref).float(), codec.decode(low).float()
+    agree = (ref == low).float().mean().item()
+    snr = 10 * torch.log10(a.pow(2).sum() / (a - b).pow(2).sum().clamp_min(1e-20)).item()
+    return {"precision": precision, "device": device, "codes_agreement": round(agree, 5),
+            "decoded_snr_vs_fp32_db": round(snr, 2)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=10.0, help="audio seconds per batch item")
+    ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--bitrate", type=float, default=6.0)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--precision", default="fp32", choices=placement.PRECISIONS,
+                    help="also check this precision's fidelity vs fp32")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print(json.dumps({"gpu_path": "cuda" in devices, "cuda_available": torch.cuda.is_available(),
+                      "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                      "torch": torch.__version__, "threads": a.threads}))
+    for name in registry.names():
+        for dev in devices:
+            codec = registry.load(name, device=dev)
+            n_q = codec.n_q_for_kbps(a.bitrate)
+            if dev == "cpu":
+                print(json.dumps({"codec": name, "n_q": n_q, **flops_per_audio_second(codec, n_q)}))
+            for b in [int(v) for v in a.batches.split(",")]:
+                for r in bench(codec, dev, b, a.seconds, n_q, a.precision if dev == "cuda" else "fp32"):
+                    print(json.dumps({"codec": name, "device": dev, "batch": b, **r}), flush=True)
+            if a.precision != "fp32":
+                print(json.dumps({"codec": name, **fidelity(codec, dev, a.precision, n_q)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Structure of the deploy manifests (PyYAML only; no cluster): kinds, API versions, GPU group, entrypoints."""
+from __future__ import annotations
+
+import importlib.util
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import build_parser
+
+K8S = Path(__file__).resolve().parent.parent / "deploy" / "k8s"
+
+
+def docs(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+
+
+def subcommand_options(cmd: str) -> set[str]:
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[cmd]
+    return {o for a in sub._actions for o in a.option_strings}
+
+
+def test_raycluster_cpu_head_autoscaling_gpu_workers():
+    (rc,) = docs("raycluster.yaml")
+    assert (rc["apiVersion"], rc["kind"]) == ("ray.io/v1", "RayCluster")
+    spec = rc["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head["resources"].get("limits", {})
+    assert {"metrics": 8080}.items() <= {p.get("name"): p["containerPort"] for p in head["ports"]}.items()
+    gpu = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu")
+    assert gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"] and gpu["maxReplicas"] > gpu["minReplicas"]
+    pod = gpu["template"]["spec"]
+    c = pod["containers"][0]
+    assert int(c["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    for g in spec["workerGroupSpecs"]:
+        ports = {p.get("name"): p["containerPort"] for p in g["template"]["spec"]["containers"][0]["ports"]}
+        assert ports.get("metrics") == 8080
+        assert g["rayStartParams"]["metrics-export-port"] == "8080"
+
+
+@pytest.mark.parametrize("name,module,cmd", [("rayjob-encode.yaml", "jobs.encode", "encode"),
+                                             ("rayjob-restore.yaml", "jobs.restore", "restore")])
+def test_rayjob_entrypoints_name_real_modules_and_options(name, module, cmd):
+    (job,) = docs(name)
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    (rc,) = docs("raycluster.yaml")
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == rc["metadata"]["name"]
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", module]
+    assert importlib.util.find_spec(module) is not None
+    known = subcommand_options(cmd)
+    opts = [a.split("=", 1)[0] for a in argv[3:] if a.startswith("--")]
+    assert opts and all(o in known for o in opts), set(opts) - known
+    build_parser().parse_args([cmd, *argv[3:]])  # parses as the CLI would
+
+
+def test_podmonitors_scrape_head_and_workers_metrics_port():
+    pms = docs("podmonitors.yaml")
+    assert {d["kind"] for d in pms} == {"PodMonitor"}
+    assert all(d["apiVersion"] == "monitoring.coreos.com/v1" for d in pms)
+    types = {d["spec"]["selector"]["matchLabels"]["ray-node-type"] for d in pms}
+    assert types == {"head", "worker"}
+    assert all(e["port"] == "metrics" for d in pms for e in d["spec"]["podMetricsEndpoints"])
+
+
+def test_dockerfile_variants():
+    text = (K8S.parent / "Dockerfile").read_text()
+    assert "rayproject/ray" in text and "download.pytorch.org/whl/cpu" in text and "cu1" in text
