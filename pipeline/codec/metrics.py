@@ -1,0 +1,141 @@
+"""Objective audio quality metrics for codec evaluation and quality sampling.
+
+All functions take mono float arrays (numpy ``[T]`` or ``[1, T]``, or torch tensors) at ``rate``.
+
+* ``mel_distance``: multi-scale log-mel spectral distance (mean |log10 mel_ref - log10 mel_deg| over
+  STFT sizes 512/1024/2048; 0 = identical, lower is better).
+* ``si_sdr``: scale-invariant signal-to-distortion ratio in dB (higher is better).
+* ``stoi``: short-time objective intelligibility (pystoi; 0..1), meant for speech.
+* ``visqol``: ViSQOL MOS-LQO (1..5) via the ``visqol-python`` package when installed, else None.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+MEL_SCALES = ((512, 64), (1024, 80), (2048, 128))  # (n_fft, n_mels)
+
+
+def _hz_to_mel(f):
+    return 2595.0 * np.log10(1.0 + np.asarray(f, dtype=np.float64) / 700.0)
+
+
+def _mel_to_hz(m):
+    return 700.0 * (10.0 ** (np.asarray(m, dtype=np.float64) / 2595.0) - 1.0)
+
+
+@functools.lru_cache(maxsize=32)
+def _mel_fb_np(rate: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None) -> np.ndarray:
+    """Triangular (HTK, area-normalised) mel filterbank ``[n_mels, n_fft//2+1]``."""
+    fmax = fmax or rate / 2
+    freqs = np.linspace(0, rate / 2, n_fft // 2 + 1)
+    pts = _mel_to_hz(np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), n_mels + 2))
+    fb = np.zeros((n_mels, len(freqs)))
+    for i in range(n_mels):
+        lo, c, hi = pts[i], pts[i + 1], pts[i + 2]
+        up = (freqs - lo) / max(c - lo, 1e-9)
+        down = (hi - freqs) / max(hi - c, 1e-9)
+        fb[i] = np.maximum(0, np.minimum(up, down)) * (2.0 / (hi - lo))
+    return fb.astype(np.float32)
+
+
+def mel_filterbank(rate: int, n_fft: int, n_mels: int, device="cpu") -> torch.Tensor:
+    return torch.from_numpy(_mel_fb_np(rate, n_fft, n_mels)).to(device)
+
+
+def log_mel(x: torch.Tensor, rate: int, n_fft: int, n_mels: int, eps: float = 1e-5) -> torch.Tensor:
+    """``x: [B, T]`` -> ``log10(mel power + eps)``: ``[B, n_mels, frames]`` (differentiable)."""
+    window = torch.hann_window(n_fft, device=x.device, dtype=x.dtype)
+    spec = torch.stft(x, n_fft, hop_length=n_fft // 4, window=window, center=True, return_complex=True)
+    power = spec.real.pow(2) + spec.imag.pow(2)
+    mel = mel_filterbank(rate, n_fft, n_mels, x.device) @ power
+    return torch.log10(mel + eps)
+
+
+def multiscale_mel_loss(x: torch.Tensor, y: torch.Tensor, rate: int, scales=MEL_SCALES) -> torch.Tensor:
+    """Mean over scales of mean |log-mel(x) - log-mel(y)|; ``x, y: [B, T]``. Used as loss and metric."""
+    total = 0.0
+    for n_fft, n_mels in scales:
+        total = total + (log_mel(x, rate, n_fft, n_mels) - log_mel(y, rate, n_fft, n_mels)).abs().mean()
+    return total / len(scales)
+
+
+def _as_1d(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x, dtype=np.float64)
+    return x.reshape(-1) if x.ndim == 1 or x.shape[0] == 1 else x.mean(axis=0)
+
+
+def _align(ref, deg) -> tuple[np.ndarray, np.ndarray]:
+    ref, deg = _as_1d(ref), _as_1d(deg)
+    n = min(len(ref), len(deg))
+    return ref[:n], deg[:n]
+
+
+def mel_distance(ref, deg, rate: int) -> float:
+    """Multi-scale log-mel distance (lower is better; 0 for identical signals)."""
+    ref, deg = _align(ref, deg)
+    with torch.no_grad():
+        r = torch.from_numpy(ref).float()[None]
+        d = torch.from_numpy(deg).float()[None]
+        return float(multiscale_mel_loss(r, d, rate))
+
+
+def si_sdr(ref, deg, eps: float = 1e-10) -> float:
+    """Scale-invariant SDR in dB (higher is better); capped at 100 dB for identical signals."""
+    ref, deg = _align(ref, deg)
+    ref = ref - ref.mean()
+    deg = deg - deg.mean()
+    alpha = np.dot(deg, ref) / (np.dot(ref, ref) + eps)
+    target = alpha * ref
+    noise = deg - target
+    val = 10 * math.log10((np.dot(target, target) + eps) / (np.dot(noise, noise) + eps))
+    return float(min(val, 100.0))
+
+
+def stoi(ref, deg, rate: int) -> float | None:
+    """STOI (0..1, higher is better) via pystoi; None when pystoi is not installed."""
+    try:
+        from pystoi import stoi as _stoi
+    except ImportError:
+        return None
+    ref, deg = _align(ref, deg)
+    return float(_stoi(ref, deg, rate, extended=False))
+
+
+_VISQOL = {}
+
+
+def visqol_available() -> bool:
+    try:
+        import visqol  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def visqol(ref, deg, rate: int, mode: str = "audio") -> float | None:
+    """ViSQOL MOS-LQO (1..5; higher is better) via visqol-python, or None when unavailable.
+
+    ``mode='audio'`` (48 kHz, music model) or ``'speech'`` (16 kHz); inputs are resampled as needed.
+    """
+    try:
+        from visqol import VisqolApi  # type: ignore
+    except Exception:
+        return None
+    from ..audio import resample
+    ref, deg = _align(ref, deg)
+    target = 48000 if mode == "audio" else 16000
+    r = resample(ref[None].astype(np.float32), rate, target)[0].astype(np.float64)
+    d = resample(deg[None].astype(np.float32), rate, target)[0].astype(np.float64)
+    api = _VISQOL.get(mode)
+    if api is None:
+        api = VisqolApi()
+        api.create(mode=mode)
+        _VISQOL[mode] = api
+    res = api.measure(r, d)
+    return float(getattr(res, "moslqo", res))
