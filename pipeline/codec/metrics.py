@@ -137,5 +137,5 @@ def visqol(ref, deg, rate: int, mode: str = "audio") -> float | None:
         api = VisqolApi()
         api.create(mode=mode)
         _VISQOL[mode] = api
-    res = api.measure(r, d)
-    return float(getattr(res, "moslqo", res))
+    res = api.measure_from_arrays(r, d, target)
+    return float(res.moslqo)
