@@ -52,6 +52,7 @@ def test_shapes_ladder_and_contexts():
     assert c.ladder() == {1.5: 2, 3.0: 4, 6.0: 8, 12.0: 16, 24.0: 32}
     assert c.n_q_for_kbps(6) == 8 and c.frame_rate == 75.0 and c.codebook_size == 1024
     assert c.n_params() <= 10_000_000
+    assert c.decode_context[1] == 1  # causal decoder: one code frame beyond ceil(T / hop) per file
     f = 7
     wav = torch.randn(2, 1, f * c.hop_length + sum(c.encode_context)) * 0.1
     codes = c.encode(wav, 8)
@@ -138,6 +139,7 @@ def test_dead_codes_are_restarted():
     for _ in range(200):
         vq.quantize(z, torch.tensor([2, 2]))
     assert vq.restarts > 0
+    assert bool((c.rvq.codebooks[:, 0] == 0).all())  # entry 0 stays pinned to zero
     codes = vq.quantize(z, torch.tensor([2, 2]), update=False)[2]
     assert len(torch.unique(codes[:, 0])) > 8  # the restarted entries are in use
 
@@ -240,6 +242,7 @@ def test_eval_job_runs(tmp_path):
 def test_shipped_weights_roundtrip(shipped):
     c = shipped
     assert c.n_params() <= 10_000_000 and WEIGHTS.stat().st_size <= 25 * 2 ** 20
+    assert bool((c.rvq.codebooks[:, 0] == 0).all())  # the padding code is the zero latent
     x = chirp(2.0) + 0.2 * np.sin(2 * np.pi * 330 * np.arange(2 * RATE) / RATE).astype(np.float32)
     x = x[None]
     snr = {}

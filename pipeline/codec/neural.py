@@ -6,7 +6,10 @@ Signal path (24 kHz mono, one frame per 320 samples = 75 frames/s)::
         -> Conv1d encoder over frames -> latent [B, 64, F] -> RVQ (up to 32 x 1024 codes)
         -> Conv1d decoder -> companded MDCT coefficients -> expansion -> IMDCT -> wav
 
-Every convolution is a *valid* convolution over frames, so a code depends on a fixed, finite span
+The encoder is symmetric (looks 16 frames back and ahead); the decoder is causal over codes (32 frames
+back, none ahead), so a file costs just one code frame beyond ``ceil(T / hop)``. Entry 0 of every
+codebook is pinned to the zero vector: the code-0 padding the pipeline puts before a file's first frame
+then decodes like the zero padding seen in training. Every convolution is a *valid* convolution over frames, so a code depends on a fixed, finite span
 of samples and a decoded sample on a fixed span of codes; the declared contexts follow from the
 receptive fields (``encoder_rf``/``decoder_rf``), which makes windowed encoding and decoding give the
 same result as whole-signal processing.
@@ -27,38 +30,45 @@ from .rvq import ResidualVQ
 
 
 class ResBlock(nn.Module):
-    """``x + conv1x1(elu(conv3_dilated(elu(x))))``; valid: trims ``dilation`` frames each side."""
+    """``x + conv1x1(elu(conv3_dilated(elu(x))))``; valid: trims ``dilation`` frames each side
+    (``causal``: ``2 * dilation`` frames on the left only)."""
 
-    def __init__(self, channels: int, dilation: int):
+    def __init__(self, channels: int, dilation: int, causal: bool = False):
         super().__init__()
         self.dilation = dilation
+        self.trim = (2 * dilation, 0) if causal else (dilation, dilation)
         self.conv1 = nn.Conv1d(channels, channels, 3, dilation=dilation)
         self.conv2 = nn.Conv1d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, pad: bool = False) -> torch.Tensor:
-        d = self.dilation
         h = F.elu(x)
         if pad:
-            h = F.pad(h, (d, d))
+            h = F.pad(h, self.trim)
         y = self.conv2(F.elu(self.conv1(h)))
         if not pad:
-            x = x[..., d:x.shape[-1] - d]
+            x = x[..., self.trim[0]:x.shape[-1] - self.trim[1]]
         return x + y
 
 
 class FrameNet(nn.Module):
-    """Conv3 in -> residual dilated blocks -> ELU -> conv1x1 out. Receptive field ``rf`` frames per side."""
+    """Conv3 in -> residual dilated blocks -> ELU -> conv1x1 out.
 
-    def __init__(self, c_in: int, width: int, c_out: int, dilations: tuple[int, ...]):
+    Receptive field ``rf = (left, right)`` frames: ``1 + sum(dilations)`` each side, or
+    ``2 + 2 * sum(dilations)`` on the left only when ``causal``.
+    """
+
+    def __init__(self, c_in: int, width: int, c_out: int, dilations: tuple[int, ...], causal: bool = False):
         super().__init__()
         self.inp = nn.Conv1d(c_in, width, 3)
-        self.blocks = nn.ModuleList(ResBlock(width, d) for d in dilations)
+        self.blocks = nn.ModuleList(ResBlock(width, d, causal) for d in dilations)
         self.out = nn.Conv1d(width, c_out, 1)
-        self.rf = 1 + sum(dilations)
+        self.in_trim = (2, 0) if causal else (1, 1)
+        self.rf = (self.in_trim[0] + sum(b.trim[0] for b in self.blocks),
+                   self.in_trim[1] + sum(b.trim[1] for b in self.blocks))
 
     def forward(self, x: torch.Tensor, pad: bool = False) -> torch.Tensor:
         if pad:
-            x = F.pad(x, (1, 1))
+            x = F.pad(x, self.in_trim)
         h = self.inp(x)
         for b in self.blocks:
             h = b(h, pad)
@@ -87,15 +97,17 @@ class NeuralRvqCodec(Codec):
         self.latent_dim = latent_dim
         self.mdct = MDCT(hop)
         self.encoder = FrameNet(hop, width, latent_dim, dilations)
-        self.decoder = FrameNet(latent_dim, width, hop, dilations)
+        # causal decoder: a decoded frame needs no codes after it, so a file costs only one extra
+        # frame of codes (decode_context[1] = 1); the encoder looks ahead instead (samples are free)
+        self.decoder = FrameNet(latent_dim, width, hop, dilations, causal=True)
         self.rvq = ResidualVQ(latent_dim, codebook_size, n_q)
         # per-bin scale of the companded coefficients (1 / std over training data); set by training
         self.register_buffer("feat_scale", torch.ones(hop))
-        re, rd = self.encoder.rf, self.decoder.rf
-        # encode frames [a, b): MDCT frames [a - re, b + re), MDCT frame i covers [i*hop - hop, i*hop + hop)
-        self.encode_context = (hop + re * hop, re * hop)
-        # decode samples [a*hop, b*hop): MDCT frames [a, b] (overlap-add), each from codes [i - rd, i + rd]
-        self.decode_context = (rd, rd + 1)
+        (el, er), (dl, dr) = self.encoder.rf, self.decoder.rf
+        # encode frames [a, b): MDCT frames [a - el, b + er), MDCT frame i covers [i*hop - hop, i*hop + hop)
+        self.encode_context = (hop + el * hop, er * hop)
+        # decode samples [a*hop, b*hop): MDCT frames [a, b] (overlap-add), each from codes [i - dl, i + dr]
+        self.decode_context = (dl, dr + 1)
 
     # -- feature transforms -----------------------------------------------------------------
     def features(self, wav: torch.Tensor) -> torch.Tensor:
@@ -124,7 +136,7 @@ class NeuralRvqCodec(Codec):
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         z = self.rvq.decode(codes)
-        y = self.decoder(z)  # [B, hop, F' - 2*rd] = MDCT frames a .. b (inclusive)
+        y = self.decoder(z)  # [B, hop, F' - dl - dr] = MDCT frames a .. b (inclusive)
         return self.synthesize(self.unfeatures(y))
 
     def n_params(self) -> int:

@@ -53,6 +53,7 @@ class EmaRvqTrainer:
     def kmeans_init(self, latents: torch.Tensor, iters: int = 6, log=None) -> None:
         """``latents: [N, D]`` -> residual k-means codebooks (needs N >= K)."""
         books = residual_kmeans(latents, self.codec.codebook_size, self.codec.n_q, iters=iters, gen=self.gen)
+        books[:, 0] = 0.0  # entry 0 = zero vector (the padding code; see neural.py)
         if log is not None:
             log(f"k-means init: {self.codec.n_q} stages on {len(latents)} vectors")
         self.codec.rvq.codebooks.copy_(books)
@@ -109,9 +110,11 @@ class EmaRvqTrainer:
         n = self.ema_count[q].sum()
         smoothed = (self.ema_count[q] + self.eps) / (n + k * self.eps) * n
         self.codec.rvq.codebooks[q].copy_(self.ema_sum[q] / smoothed[:, None])
+        self.codec.rvq.codebooks[q, 0] = 0.0  # pinned: the padding code decodes as a zero latent
         # dead-code restart (rate-limited)
         expected = residual.shape[0] / k
         dead = (self.ema_count[q] < self.dead_fraction * expected).nonzero().flatten()
+        dead = dead[dead != 0]
         if len(dead):
             dead = dead[torch.randperm(len(dead), generator=self.gen)[: self.max_restarts]]
             pick = torch.randint(residual.shape[0], (len(dead),), generator=self.gen)
