@@ -232,7 +232,7 @@ def test_eval_job_runs(tmp_path):
     if not codecs and not baselines:
         pytest.skip("neither shipped weights nor ffmpeg")
     summary = codec_eval.main([str(d), "--all-files", "--bitrates", "6", "--max-files", "1", "--seconds", "2",
-                               "--no-visqol", "--codec", *codecs, "--baselines", *baselines,
+                               "--min-seconds", "1", "--bench-seconds", "1", "--no-visqol", "--codec", *codecs, "--baselines", *baselines,
                                "--out-dir", str(tmp_path / "ev")])
     assert summary and all(s["mel"] is not None for s in summary)
     assert (tmp_path / "ev" / "summary.md").exists() and (tmp_path / "ev" / "results.csv").exists()
