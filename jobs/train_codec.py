@@ -143,7 +143,8 @@ def train_loop(config: dict) -> None:
         codec.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         vq.load_state_dict(ck["vq"])
-        step, elapsed, best = ck["step"], ck["elapsed"], ck.get("best", best)
+        step, elapsed = ck["step"], ck["elapsed"]
+        best = best if config.get("reset_best") else ck.get("best", best)
         sampler.rng = np.random.default_rng(config["seed"] + step)
         log(f"resumed from {ckpt_path} at step {step} ({elapsed / 60:.1f} min)")
     else:
@@ -192,7 +193,8 @@ def train_loop(config: dict) -> None:
         codec.train()
         wav = sampler.batch(config["batch"]).to(device)
         nq = sample_n_q(len(wav), codec.ladder_n_q, rng)
-        loss, logs = forward_train(codec, vq if vq.initialized else None, wav, nq, w_time=config["w_time"])
+        loss, logs = forward_train(codec, vq if vq.initialized else None, wav, nq, w_time=config["w_time"],
+                                   w_mdct=config.get("w_mdct", 1.0))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(codec.parameters(), 1.0)
@@ -240,9 +242,10 @@ def default_config(args) -> dict:
         "codebook_size": args.codebook_size, "seg_frames": args.seg_frames, "batch": args.batch,
         "lr": args.lr, "steps": args.steps, "max_minutes": args.max_minutes, "warmup_steps": args.warmup_steps,
         "init_batches": args.init_batches, "kmeans_iters": args.kmeans_iters, "ema_decay": 0.99,
-        "w_time": args.w_time, "log_every": args.log_every, "ckpt_every": args.ckpt_every,
+        "w_time": args.w_time, "w_mdct": args.w_mdct, "log_every": args.log_every, "ckpt_every": args.ckpt_every,
         "val_segments": args.val_segments, "seed": args.seed, "threads": args.threads,
         "run_dir": str(args.run_dir.resolve()), "out": str(args.out.resolve()), "resume": args.resume,
+        "reset_best": args.reset_best,
         "cache": str(args.cache.resolve()), "use_ray": not args.no_ray, "cpu": args.cpu,
     }
 
@@ -254,6 +257,8 @@ def main(argv=None) -> None:
     ap.add_argument("--run-dir", type=Path, default=Path(".data/runs/neural_rvq"))
     ap.add_argument("--out", type=Path, default=Path("pipeline/codec/weights/neural_rvq.pt"))
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--reset-best", action="store_true", help="on resume, forget the best validation score "
+                    "(after changing loss weights)")
     ap.add_argument("--no-ray", action="store_true", help="run the loop in-process instead of Ray Train")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
@@ -270,7 +275,9 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup-steps", type=int, default=150, help="autoencoder steps before the RVQ is on")
     ap.add_argument("--init-batches", type=int, default=16)
     ap.add_argument("--kmeans-iters", type=int, default=6)
-    ap.add_argument("--w-time", type=float, default=0.0)
+    ap.add_argument("--w-time", type=float, default=0.0, help="weight of the time-domain L1 loss")
+    ap.add_argument("--w-mdct", type=float, default=1.0, help="weight of the companded-MDCT L1 loss "
+                    "(the multi-scale log-mel loss has weight 1)")
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--val-segments", type=int, default=16)
