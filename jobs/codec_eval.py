@@ -222,6 +222,48 @@ def to_markdown(summary: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _read_rows(path: Path) -> list[dict]:
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            for k, v in r.items():
+                if k in ("file", "kind", "codec"):
+                    continue
+                r[k] = float(v) if v not in ("", "None") else None
+            rows.append(r)
+    return rows
+
+
+def merge(dirs: list[Path], out_dir: Path) -> list[dict]:
+    """Combine earlier runs (e.g. baselines and codecs evaluated separately) into one table."""
+    rows, speed = [], {}
+    for d in dirs:
+        rows += _read_rows(d / "results.csv")
+        js = d / "summary.json"
+        if js.exists():
+            speed.update(json.loads(js.read_text()).get("speed", {}))
+    return write_outputs(rows, speed, out_dir)
+
+
+def write_outputs(rows: list[dict], speed: dict, out_dir: Path) -> list[dict]:
+    if not rows:
+        raise SystemExit("nothing was evaluated (no codec or baseline could run at these bitrates)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+    summary = summarize(rows)
+    (out_dir / "summary.json").write_text(json.dumps({"summary": summary, "speed": speed}, indent=1) + "\n")
+    md = to_markdown(summary)
+    for name, sp in speed.items():
+        md += f"\n{name} throughput ({sp['threads']} threads, {sp['seconds']:g} s): " + ", ".join(
+            f"{k} {v}x" for k, v in sp.items() if k.endswith(tuple(f"nq{q}" for q in (8, 32)))) + "\n"
+    (out_dir / "summary.md").write_text(md)
+    print(md)
+    return summary
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", nargs="?", type=Path, default=None, help="folder of audio (default: Debian corpus)")
@@ -237,9 +279,13 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--all-files", action="store_true", help="use every file, not only the held-out split")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out-dir", type=Path, default=Path(".data/eval"))
+    ap.add_argument("--merge", type=Path, nargs="+", default=None,
+                    help="only merge the results.csv of earlier runs (same references) into --out-dir")
     ap.add_argument("--bench-seconds", type=float, default=30.0, help="throughput benchmark length (0: skip)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.merge:
+        return merge(args.merge, args.out_dir)
     from pipeline import corpus
     from pipeline.codec import metrics, registry
 
@@ -278,21 +324,8 @@ def main(argv=None) -> list[dict]:
                     rows.append(row)
                     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
                           flush=True)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    with open(args.out_dir / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
-    summary = summarize(rows)
     speed = {name: bench(c, args.bench_seconds) for name, c in codecs.items()} if args.bench_seconds > 0 else {}
-    (args.out_dir / "summary.json").write_text(json.dumps({"summary": summary, "speed": speed}, indent=1) + "\n")
-    md = to_markdown(summary)
-    for name, sp in speed.items():
-        md += f"\n{name} throughput ({sp['threads']} threads, {sp['seconds']:g} s): " + ", ".join(
-            f"{k} {v}x" for k, v in sp.items() if k.endswith(tuple(f"nq{q}" for q in (8, 32)))) + "\n"
-    (args.out_dir / "summary.md").write_text(md)
-    print(md)
-    return summary
+    return write_outputs(rows, speed, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -236,6 +236,8 @@ def test_eval_job_runs(tmp_path):
                                "--out-dir", str(tmp_path / "ev")])
     assert summary and all(s["mel"] is not None for s in summary)
     assert (tmp_path / "ev" / "summary.md").exists() and (tmp_path / "ev" / "results.csv").exists()
+    merged = codec_eval.main(["--merge", str(tmp_path / "ev"), "--out-dir", str(tmp_path / "ev2")])
+    assert [(s["codec"], s["kind"]) for s in merged] == [(s["codec"], s["kind"]) for s in summary]
 
 
 # -- the shipped checkpoint --------------------------------------------------------------------------
