@@ -26,6 +26,11 @@ def _mdct_rvq() -> Codec:
     return MdctRvqCodec()
 
 
+def _neural_rvq() -> Codec:
+    from .neural import NeuralRvqCodec
+    return NeuralRvqCodec()
+
+
 _REGISTRY: dict[str, CodecSpec] = {}
 
 
@@ -35,6 +40,9 @@ def register(spec: CodecSpec) -> None:
 
 register(CodecSpec("mdct_rvq", "MDCT frames + residual k-means codebooks learned from real audio (fast)",
                    _mdct_rvq, WEIGHTS_DIR / "mdct_rvq.pt"))
+
+register(CodecSpec("neural_rvq", "MDCT-domain conv autoencoder + 32-stage RVQ, trained (1.5-24 kbps)",
+                   _neural_rvq, WEIGHTS_DIR / "neural_rvq.pt"))
 
 DEFAULT_CODEC = "mdct_rvq"
 

@@ -1,0 +1,310 @@
+"""Train the ``neural_rvq`` codec (MDCT-domain conv autoencoder + EMA residual VQ).
+
+    python -m jobs.train_codec [--data DIR] [--steps N] [--max-minutes M] [--run-dir DIR] [--resume]
+                               [--no-ray] [--threads 1] [--out pipeline/codec/weights/neural_rvq.pt]
+
+Runs through Ray Train (``TorchTrainer``, one worker, GPU when one is available) unless ``--no-ray``;
+both paths run the same loop. Training audio: every audio file under ``--data`` (default: the Debian
+corpus), minus the held-out split (``corpus.is_heldout``), resampled to 24 kHz mono and cached as one
+``.npz``. Checkpoints (model, optimizer, quantizer EMA state, step, wall time) go to ``RUN_DIR/ckpt.pt``
+every ``--ckpt-every`` steps; ``--resume`` continues from there. The best model so far (multi-scale mel
+loss at 6 kbps on a fixed set of training segments) is written to ``--out`` as ``{"model": state_dict}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SEG_FRAMES = 112  # frames per training segment (~1.5 s)
+
+
+# -- data ------------------------------------------------------------------------------------------
+def build_cache(data: Path | None, cache: Path, rate: int = 24000, max_seconds_per_file: float = 120.0,
+                max_speech_files: int = 1200, seed: int = 0, log=print) -> Path:
+    """Decode the training split of ``data`` to 24 kHz mono float16 and save ``cache`` (.npz)."""
+    from pipeline import audio, corpus
+    if cache.exists():
+        return cache
+    root = Path(data) if data else corpus.fetch()
+    files = [p for p in corpus.audio_files(root) if not corpus.is_heldout(p)]
+    music = [p for p in files if corpus.kind_of(p) == "music"]
+    other = [p for p in files if corpus.kind_of(p) != "music"]
+    rng = random.Random(seed)
+    rng.shuffle(other)
+    other = other[:max_speech_files]
+    arrays, kinds, names = [], [], []
+    t0 = time.time()
+    for p in music + other:
+        try:
+            x, _ = audio.load(str(p), rate, mono=True)
+        except Exception as e:  # a broken file is skipped, not fatal
+            log(f"skip {p}: {e}")
+            continue
+        x = x[0]
+        lim = int(max_seconds_per_file * rate)
+        if len(x) > lim:
+            s = rng.randrange(0, len(x) - lim)
+            x = x[s:s + lim]
+        if len(x) < rate // 2:
+            continue
+        arrays.append(x.astype(np.float16))
+        kinds.append(corpus.kind_of(p))
+        names.append(str(p))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    lengths = np.array([len(a) for a in arrays])
+    np.savez(cache, audio=np.concatenate(arrays), lengths=lengths, kinds=np.array(kinds), names=np.array(names))
+    log(f"cached {len(arrays)} files, {lengths.sum() / rate / 3600:.2f} h "
+        f"(music {sum(l for l, k in zip(lengths, kinds) if k == 'music') / rate / 3600:.2f} h) "
+        f"in {time.time() - t0:.0f}s -> {cache}")
+    return cache
+
+
+class SegmentSampler:
+    """Random ``seg`` -sample crops, half music / half other, random gain, near-silent crops rejected."""
+
+    def __init__(self, cache: Path, seg: int, seed: int = 0):
+        d = np.load(cache)
+        self.audio = d["audio"]
+        self.lengths = d["lengths"]
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
+        kinds = d["kinds"]
+        self.groups = [np.nonzero(kinds == "music")[0], np.nonzero(kinds != "music")[0]]
+        self.groups = [g[self.lengths[g] > seg] for g in self.groups if len(g)]
+        self.groups = [g for g in self.groups if len(g)]
+        if not self.groups:
+            raise ValueError(f"no training file in {cache} is longer than {seg} samples")
+        self.seg = seg
+        self.rng = np.random.default_rng(seed)
+
+    def one(self) -> np.ndarray:
+        for _ in range(20):
+            g = self.groups[self.rng.integers(len(self.groups))]
+            w = self.lengths[g].astype(np.float64)
+            i = g[self.rng.choice(len(g), p=w / w.sum())]
+            s = self.offsets[i] + self.rng.integers(0, self.lengths[i] - self.seg)
+            x = self.audio[s:s + self.seg].astype(np.float32)
+            if np.sqrt(np.mean(x ** 2)) > 3e-3:
+                break
+        gain = 10 ** (self.rng.uniform(-12, 3) / 20)
+        peak = np.abs(x).max() + 1e-9
+        return x * min(gain, 0.99 / peak)
+
+    def batch(self, n: int) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.one() for _ in range(n)]))
+
+
+# -- the loop --------------------------------------------------------------------------------------
+def train_loop(config: dict) -> None:
+    """Runs in the Ray Train worker or directly (``--no-ray``)."""
+    from pipeline.codec.neural import NeuralRvqCodec
+    from pipeline.codec.neural_train import EmaRvqTrainer, collect_latents, forward_train, sample_n_q
+
+    torch.set_num_threads(int(config["threads"]))
+    torch.manual_seed(config["seed"])
+    ray_ctx = None
+    if config.get("use_ray"):
+        import ray.train
+        import ray.train.torch
+        ray_ctx = ray.train
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() and not config.get("cpu") else "cpu")
+    run_dir = Path(config["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logf = open(run_dir / "train.log", "a")
+
+    def log(msg):
+        line = msg if isinstance(msg, str) else json.dumps(msg)
+        print(line, flush=True)
+        logf.write(line + "\n")
+        logf.flush()
+
+    codec = NeuralRvqCodec(width=config["width"], latent_dim=config["latent_dim"],
+                           dilations=tuple(config["dilations"]), n_q=config["n_q"],
+                           codebook_size=config["codebook_size"]).to(device)
+    hop = codec.hop_length
+    seg = (config["seg_frames"] + 1) * hop
+    sampler = SegmentSampler(Path(config["cache"]), seg, seed=config["seed"])
+    vq = EmaRvqTrainer(codec, decay=config["ema_decay"], seed=config["seed"])
+    opt = torch.optim.AdamW([p for p in codec.parameters()], lr=config["lr"], betas=(0.8, 0.99),
+                            weight_decay=1e-5)
+    step, elapsed, best = 0, 0.0, float("inf")
+    ckpt_path = run_dir / "ckpt.pt"
+    if config.get("resume") and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        codec.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        vq.load_state_dict(ck["vq"])
+        step, elapsed = ck["step"], ck["elapsed"]
+        best = best if config.get("reset_best") else ck.get("best", best)
+        sampler.rng = np.random.default_rng(config["seed"] + step)
+        log(f"resumed from {ckpt_path} at step {step} ({elapsed / 60:.1f} min)")
+    else:
+        # per-bin normalisation of the companded MDCT from data
+        with torch.no_grad():
+            y = codec.features(sampler.batch(64).to(device)[:, None, :])
+            std = y.permute(1, 0, 2).reshape(hop, -1).std(1).clamp_min(1e-4)
+            codec.feat_scale.copy_(1.0 / std)
+    n_params = codec.n_params()
+    log(f"neural_rvq: {n_params / 1e6:.2f}M params, encode_context {codec.encode_context}, "
+        f"decode_context {codec.decode_context}, device {device}, threads {torch.get_num_threads()}")
+    val = sampler.batch(config["val_segments"]).to(device)  # fixed (seeded) training segments
+    val_nq = torch.full((len(val),), min(8, codec.n_q))
+    rng = random.Random(config["seed"] + step)
+    t_start = time.time() - elapsed
+    out_path = Path(config["out"])
+
+    def save_ckpt():
+        torch.save({"model": codec.state_dict(), "opt": opt.state_dict(), "vq": vq.state_dict(), "step": step,
+                    "elapsed": time.time() - t_start, "best": best, "config": config}, str(ckpt_path) + ".tmp")
+        os.replace(str(ckpt_path) + ".tmp", ckpt_path)
+
+    def save_weights(path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": {k: v.cpu() for k, v in codec.state_dict().items()},
+                    "config": {k: config[k] for k in ("width", "latent_dim", "dilations", "n_q", "codebook_size")},
+                    "step": step}, str(path) + ".tmp")
+        os.replace(str(path) + ".tmp", path)
+
+    max_s = config["max_minutes"] * 60
+    logs_acc: dict[str, list[float]] = {}
+    while step < config["steps"] and time.time() - t_start < max_s:
+        progress = max(step / config["steps"], (time.time() - t_start) / max_s)
+        lr = config["lr"] * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        if not vq.initialized and step >= config["warmup_steps"]:
+            codec.eval()
+            lat = collect_latents(codec, [sampler.batch(config["batch"]).to(device)
+                                          for _ in range(config["init_batches"])])
+            t0 = time.time()
+            vq.kmeans_init(lat.cpu(), iters=config["kmeans_iters"])
+            vq.codec.rvq.codebooks.data = vq.codec.rvq.codebooks.to(device)
+            log(f"step {step}: k-means init of {codec.n_q} codebooks on {len(lat)} latents "
+                f"in {time.time() - t0:.0f}s")
+        codec.train()
+        wav = sampler.batch(config["batch"]).to(device)
+        nq = sample_n_q(len(wav), codec.ladder_n_q, rng)
+        loss, logs = forward_train(codec, vq if vq.initialized else None, wav, nq, w_time=config["w_time"],
+                                   w_mdct=config.get("w_mdct", 1.0))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(codec.parameters(), 1.0)
+        opt.step()
+        step += 1
+        for k, v in logs.items():
+            logs_acc.setdefault(k, []).append(v)
+        if step % config["log_every"] == 0:
+            rec = {k: round(float(np.mean(v)), 4) for k, v in logs_acc.items()}
+            rec.update(step=step, lr=round(lr, 6), gnorm=round(float(gn), 3),
+                       min=round((time.time() - t_start) / 60, 2))
+            if vq.initialized:
+                util = vq.utilisation()
+                rec["util"] = [round(u, 3) for u in util]
+                rec["restarts"] = vq.restarts
+            log(rec)
+            logs_acc = {}
+        if step % config["ckpt_every"] == 0 or step >= config["steps"]:
+            codec.eval()
+            with torch.no_grad():
+                _, vlogs = forward_train(codec, vq if vq.initialized else None, val, val_nq)
+            vmel = vlogs["mel"]
+            improved = vq.initialized and vmel < best
+            if improved:
+                best = vmel
+                save_weights(out_path)
+            save_ckpt()
+            log({"step": step, "val_mel_6kbps": round(vmel, 4), "best": round(best, 4), "saved": improved})
+            if ray_ctx is not None:
+                import ray.train
+                ray.train.report({"step": step, "val_mel": vmel, "loss": logs["loss"]})
+    # final: always write a checkpoint; the best weights stay at --out
+    codec.eval()
+    save_ckpt()
+    if vq.initialized and not out_path.exists():
+        save_weights(out_path)
+    save_weights(run_dir / "last.pt")
+    log(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; best val mel {best:.4f}")
+    logf.close()
+
+
+def default_config(args) -> dict:
+    return {
+        "width": args.width, "latent_dim": args.latent_dim, "dilations": args.dilations, "n_q": args.n_q,
+        "codebook_size": args.codebook_size, "seg_frames": args.seg_frames, "batch": args.batch,
+        "lr": args.lr, "steps": args.steps, "max_minutes": args.max_minutes, "warmup_steps": args.warmup_steps,
+        "init_batches": args.init_batches, "kmeans_iters": args.kmeans_iters, "ema_decay": 0.99,
+        "w_time": args.w_time, "w_mdct": args.w_mdct, "log_every": args.log_every, "ckpt_every": args.ckpt_every,
+        "val_segments": args.val_segments, "seed": args.seed, "threads": args.threads,
+        "run_dir": str(args.run_dir.resolve()), "out": str(args.out.resolve()), "resume": args.resume,
+        "reset_best": args.reset_best,
+        "cache": str(args.cache.resolve()), "use_ray": not args.no_ray, "cpu": args.cpu,
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=None, help="folder of audio (default: Debian corpus)")
+    ap.add_argument("--cache", type=Path, default=Path(".data/train_24k.npz"))
+    ap.add_argument("--run-dir", type=Path, default=Path(".data/runs/neural_rvq"))
+    ap.add_argument("--out", type=Path, default=Path("pipeline/codec/weights/neural_rvq.pt"))
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--reset-best", action="store_true", help="on resume, forget the best validation score "
+                    "(after changing loss weights)")
+    ap.add_argument("--no-ray", action="store_true", help="run the loop in-process instead of Ray Train")
+    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=100000)
+    ap.add_argument("--max-minutes", type=float, default=60.0)
+    ap.add_argument("--batch", type=int, default=12)
+    ap.add_argument("--seg-frames", type=int, default=SEG_FRAMES)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--latent-dim", type=int, default=64)
+    ap.add_argument("--dilations", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--n-q", type=int, default=32)
+    ap.add_argument("--codebook-size", type=int, default=1024)
+    ap.add_argument("--warmup-steps", type=int, default=150, help="autoencoder steps before the RVQ is on")
+    ap.add_argument("--init-batches", type=int, default=16)
+    ap.add_argument("--kmeans-iters", type=int, default=6)
+    ap.add_argument("--w-time", type=float, default=0.0, help="weight of the time-domain L1 loss")
+    ap.add_argument("--w-mdct", type=float, default=1.0, help="weight of the companded-MDCT L1 loss "
+                    "(the multi-scale log-mel loss has weight 1)")
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--ckpt-every", type=int, default=200)
+    ap.add_argument("--val-segments", type=int, default=16)
+    ap.add_argument("--max-speech-files", type=int, default=1200)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    build_cache(args.data, args.cache, max_speech_files=args.max_speech_files)
+    config = default_config(args)
+    if args.no_ray:
+        train_loop(config)
+        return
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(2, args.threads), include_dashboard=False, log_to_driver=True)
+    use_gpu = bool(ray.cluster_resources().get("GPU", 0)) and not args.cpu
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": args.threads}),
+        run_config=RunConfig(name="neural_rvq", storage_path=str((args.run_dir / "ray").resolve())),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""``neural_rvq``: a trained MDCT-domain convolutional autoencoder with a residual vector quantizer.
+
+Signal path (24 kHz mono, one frame per 320 samples = 75 frames/s)::
+
+    wav -> MDCT (hop 320, sine window) -> companding |x|^0.5 -> per-bin normalisation
+        -> Conv1d encoder over frames -> latent [B, 64, F] -> RVQ (up to 32 x 1024 codes)
+        -> Conv1d decoder -> companded MDCT coefficients -> expansion -> IMDCT -> wav
+
+The encoder is symmetric (looks 16 frames back and ahead); the decoder is causal over codes (32 frames
+back, none ahead), so a file costs just one code frame beyond ``ceil(T / hop)``. Entry 0 of every
+codebook is pinned to the zero vector: the code-0 padding the pipeline puts before a file's first frame
+then decodes like the zero padding seen in training. Every convolution is a *valid* convolution over frames, so a code depends on a fixed, finite span
+of samples and a decoded sample on a fixed span of codes; the declared contexts follow from the
+receptive fields (``encoder_rf``/``decoder_rf``), which makes windowed encoding and decoding give the
+same result as whole-signal processing.
+
+Training (``jobs/train_codec.py``) runs the same convolutions with zero padding (``pad=True``) so a
+training segment keeps its length; at inference the pipeline supplies the real context instead.
+The bitrate ladder is 1.5/3/6/12/24 kbps = 2/4/8/16/32 stages (quantizer dropout in training).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Codec
+from .mdct import MDCT
+from .rvq import ResidualVQ
+
+
+class ResBlock(nn.Module):
+    """``x + conv1x1(elu(conv3_dilated(elu(x))))``; valid: trims ``dilation`` frames each side
+    (``causal``: ``2 * dilation`` frames on the left only)."""
+
+    def __init__(self, channels: int, dilation: int, causal: bool = False):
+        super().__init__()
+        self.dilation = dilation
+        self.trim = (2 * dilation, 0) if causal else (dilation, dilation)
+        self.conv1 = nn.Conv1d(channels, channels, 3, dilation=dilation)
+        self.conv2 = nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, pad: bool = False) -> torch.Tensor:
+        h = F.elu(x)
+        if pad:
+            h = F.pad(h, self.trim)
+        y = self.conv2(F.elu(self.conv1(h)))
+        if not pad:
+            x = x[..., self.trim[0]:x.shape[-1] - self.trim[1]]
+        return x + y
+
+
+class FrameNet(nn.Module):
+    """Conv3 in -> residual dilated blocks -> ELU -> conv1x1 out.
+
+    Receptive field ``rf = (left, right)`` frames: ``1 + sum(dilations)`` each side, or
+    ``2 + 2 * sum(dilations)`` on the left only when ``causal``.
+    """
+
+    def __init__(self, c_in: int, width: int, c_out: int, dilations: tuple[int, ...], causal: bool = False):
+        super().__init__()
+        self.inp = nn.Conv1d(c_in, width, 3)
+        self.blocks = nn.ModuleList(ResBlock(width, d, causal) for d in dilations)
+        self.out = nn.Conv1d(width, c_out, 1)
+        self.in_trim = (2, 0) if causal else (1, 1)
+        self.rf = (self.in_trim[0] + sum(b.trim[0] for b in self.blocks),
+                   self.in_trim[1] + sum(b.trim[1] for b in self.blocks))
+
+    def forward(self, x: torch.Tensor, pad: bool = False) -> torch.Tensor:
+        if pad:
+            x = F.pad(x, self.in_trim)
+        h = self.inp(x)
+        for b in self.blocks:
+            h = b(h, pad)
+        return self.out(F.elu(h))
+
+
+class NeuralRvqCodec(Codec):
+    """MDCT-domain conv autoencoder + RVQ (see the module docstring)."""
+
+    name = "neural_rvq"
+    version = "1"
+    sample_rate = 24000
+    hop_length = 320
+    codebook_size = 1024
+    n_q = 32
+    ladder_n_q = (2, 4, 8, 16, 32)
+    power = 0.5  # companding exponent
+
+    def __init__(self, width: int = 256, latent_dim: int = 64, dilations: tuple[int, ...] = (1, 2, 4, 8),
+                 n_q: int = 32, codebook_size: int = 1024):
+        super().__init__()
+        hop = self.hop_length
+        self.n_q = n_q
+        self.codebook_size = codebook_size
+        self.ladder_n_q = tuple(k for k in (2, 4, 8, 16, 32) if k <= n_q)
+        self.latent_dim = latent_dim
+        self.mdct = MDCT(hop)
+        self.encoder = FrameNet(hop, width, latent_dim, dilations)
+        # causal decoder: a decoded frame needs no codes after it, so a file costs only one extra
+        # frame of codes (decode_context[1] = 1); the encoder looks ahead instead (samples are free)
+        self.decoder = FrameNet(latent_dim, width, hop, dilations, causal=True)
+        self.rvq = ResidualVQ(latent_dim, codebook_size, n_q)
+        # per-bin scale of the companded coefficients (1 / std over training data); set by training
+        self.register_buffer("feat_scale", torch.ones(hop))
+        (el, er), (dl, dr) = self.encoder.rf, self.decoder.rf
+        # encode frames [a, b): MDCT frames [a - el, b + er), MDCT frame i covers [i*hop - hop, i*hop + hop)
+        self.encode_context = (hop + el * hop, er * hop)
+        # decode samples [a*hop, b*hop): MDCT frames [a, b] (overlap-add), each from codes [i - dl, i + dr]
+        self.decode_context = (dl, dr + 1)
+
+    # -- feature transforms -----------------------------------------------------------------
+    def features(self, wav: torch.Tensor) -> torch.Tensor:
+        """``wav: [B, 1, (F+1)*hop]`` -> normalised companded MDCT ``[B, hop, F]``."""
+        x = self.mdct(wav[:, 0, :])
+        y = torch.sign(x) * (x.abs() + 1e-12).pow(self.power)
+        return y * self.feat_scale[None, :, None]
+
+    def unfeatures(self, y: torch.Tensor) -> torch.Tensor:
+        """Normalised companded MDCT -> MDCT coefficients."""
+        y = y / self.feat_scale[None, :, None]
+        return torch.sign(y) * y.abs().pow(1.0 / self.power)
+
+    def synthesize(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """MDCT ``[B, hop, F]`` -> complete samples ``[B, 1, (F-1)*hop]`` (the span between frame centres)."""
+        out = self.mdct.inverse(coeffs)
+        hop = self.hop_length
+        return out[:, None, hop: out.shape[-1] - hop]
+
+    # -- the contract ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, wav: torch.Tensor, n_q: int) -> torch.Tensor:
+        z = self.encoder(self.features(wav))
+        return self.rvq.encode(z, n_q)
+
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        z = self.rvq.decode(codes)
+        y = self.decoder(z)  # [B, hop, F' - dl - dr] = MDCT frames a .. b (inclusive)
+        return self.synthesize(self.unfeatures(y))
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,229 @@
+"""Training machinery for ``neural_rvq``: EMA residual VQ with dead-code restart, losses, one step.
+
+Kept out of ``neural.py`` so inference imports nothing it does not need; used by
+``jobs/train_codec.py`` and the tests.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+import torch.nn.functional as F
+
+from .metrics import multiscale_mel_loss
+from .neural import NeuralRvqCodec
+from .rvq import ResidualVQ
+
+
+class EmaRvqTrainer:
+    """Trains ``codec.rvq.codebooks`` in place: EMA of assigned residuals, k-means init, dead-code restart.
+
+    Dead codes: a code whose EMA usage falls below ``dead_fraction`` of the expected usage
+    (vectors per batch / K) is replaced by a random residual of the current batch, at most
+    ``max_restarts`` codes per stage and step (rate limit), so small batches don't thrash.
+    """
+
+    def __init__(self, codec: NeuralRvqCodec, decay: float = 0.99, dead_fraction: float = 0.03,
+                 max_restarts: int = 64, eps: float = 1e-5, seed: int = 0):
+        self.codec = codec
+        rvq: ResidualVQ = codec.rvq
+        n_q, k, d = rvq.codebooks.shape
+        self.decay, self.dead_fraction, self.max_restarts, self.eps = decay, dead_fraction, max_restarts, eps
+        dev = rvq.codebooks.device
+        self.ema_count = torch.ones(n_q, k, device=dev)
+        self.ema_sum = rvq.codebooks.detach().clone()
+        self.initialized = False
+        self.usage = torch.zeros(n_q, k, device=dev)  # counts since last utilisation report
+        self.gen = torch.Generator().manual_seed(seed)
+        self.restarts = 0
+
+    def state_dict(self) -> dict:
+        return {"ema_count": self.ema_count, "ema_sum": self.ema_sum, "initialized": self.initialized,
+                "usage": self.usage, "restarts": self.restarts}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.ema_count.copy_(s["ema_count"])
+        self.ema_sum.copy_(s["ema_sum"])
+        self.usage.copy_(s["usage"])
+        self.initialized = bool(s["initialized"])
+        self.restarts = int(s.get("restarts", 0))
+
+    @torch.no_grad()
+    def kmeans_init(self, latents: torch.Tensor, iters: int = 6, log=None) -> None:
+        """``latents: [N, D]`` -> residual k-means codebooks (needs N >= K)."""
+        books = residual_kmeans(latents, self.codec.codebook_size, self.codec.n_q, iters=iters, gen=self.gen)
+        books[:, 0] = 0.0  # entry 0 = zero vector (the padding code; see neural.py)
+        if log is not None:
+            log(f"k-means init: {self.codec.n_q} stages on {len(latents)} vectors")
+        self.codec.rvq.codebooks.copy_(books)
+        self.ema_sum.copy_(books)
+        self.ema_count.fill_(1.0)
+        self.initialized = True
+
+    def quantize(self, z: torch.Tensor, n_q_per_item: torch.Tensor, update: bool = True):
+        """``z: [B, D, F]``; ``n_q_per_item: [B]`` stages used per example (quantizer dropout).
+
+        Returns ``(zq [B, D, F] straight-through, commitment loss, codes [B, n_q, F])``. All stages are
+        quantized (so every codebook keeps learning); example ``b`` is reconstructed from its first
+        ``n_q_per_item[b]`` stages.
+        """
+        b, d, f = z.shape
+        books = self.codec.rvq.codebooks
+        n_q, k, _ = books.shape
+        x = z.permute(0, 2, 1).reshape(b * f, d)
+        nq_rows = n_q_per_item.to(z.device).repeat_interleave(f)  # [N]
+        residual = x.detach()
+        out = torch.zeros_like(x)
+        commit = x.new_zeros(())
+        codes = []
+        quant_acc = torch.zeros_like(x)
+        for q in range(n_q):
+            with torch.no_grad():
+                idx = ResidualVQ.nearest(residual, books[q])
+                qv = books[q][idx]
+            active = (nq_rows > q)
+            if active.any():
+                # commitment on the active rows: pull the (gradient-carrying) residual to the code
+                res_grad = x - quant_acc
+                commit = commit + (F.mse_loss(res_grad[active], qv[active], reduction="sum")
+                                   / (active.sum() * d))
+            quant_acc = quant_acc + qv
+            out = torch.where(active[:, None], quant_acc, out)
+            if update and self.codec.training:
+                self._ema_update(q, residual, idx)
+            residual = residual - qv
+            codes.append(idx)
+        zq = x + (out - x).detach()
+        zq = zq.reshape(b, f, d).permute(0, 2, 1)
+        codes = torch.stack(codes, 1).reshape(b, f, n_q).permute(0, 2, 1)
+        return zq, commit / n_q, codes
+
+    @torch.no_grad()
+    def _ema_update(self, q: int, residual: torch.Tensor, idx: torch.Tensor) -> None:
+        k = self.ema_count.shape[1]
+        counts = torch.bincount(idx, minlength=k).float()
+        sums = torch.zeros_like(self.ema_sum[q]).index_add_(0, idx, residual)
+        self.usage[q] += counts
+        self.ema_count[q].mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.ema_sum[q].mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        n = self.ema_count[q].sum()
+        smoothed = (self.ema_count[q] + self.eps) / (n + k * self.eps) * n
+        self.codec.rvq.codebooks[q].copy_(self.ema_sum[q] / smoothed[:, None])
+        self.codec.rvq.codebooks[q, 0] = 0.0  # pinned: the padding code decodes as a zero latent
+        # dead-code restart (rate-limited)
+        expected = residual.shape[0] / k
+        dead = (self.ema_count[q] < self.dead_fraction * expected).nonzero().flatten()
+        dead = dead[dead != 0]
+        if len(dead):
+            dead = dead[torch.randperm(len(dead), generator=self.gen)[: self.max_restarts]]
+            pick = torch.randint(residual.shape[0], (len(dead),), generator=self.gen)
+            vec = residual[pick] + 1e-3 * residual.std() * torch.randn(len(dead), residual.shape[1],
+                                                                        generator=self.gen)
+            self.codec.rvq.codebooks[q][dead] = vec
+            self.ema_count[q][dead] = expected
+            self.ema_sum[q][dead] = vec * expected
+            self.restarts += len(dead)
+
+    def utilisation(self, reset: bool = True) -> list[float]:
+        """Per stage: entropy of code usage since the last call / log2 K (1.0 = uniform use)."""
+        k = self.usage.shape[1]
+        out = []
+        for q in range(self.usage.shape[0]):
+            c = self.usage[q]
+            tot = c.sum()
+            if tot <= 0:
+                out.append(0.0)
+                continue
+            p = c[c > 0] / tot
+            out.append(float(-(p * p.log2()).sum() / math.log2(k)))
+        if reset:
+            self.usage.zero_()
+        return out
+
+
+@torch.no_grad()
+def residual_kmeans(x: torch.Tensor, k: int, n_q: int, iters: int = 6, gen: torch.Generator | None = None):
+    """Residual k-means for codebook init (random-point seeding, empty clusters re-seeded); works for any N."""
+    gen = gen or torch.Generator().manual_seed(0)
+    residual = x.clone()
+    books = []
+    for _ in range(n_q):
+        n = residual.shape[0]
+        pick = torch.randint(n, (k,), generator=gen) if n < k else torch.randperm(n, generator=gen)[:k]
+        scale = residual.std().clamp_min(1e-6)
+        c = residual[pick] + 1e-2 * scale * torch.randn(k, residual.shape[1], generator=gen)
+        for _ in range(iters):
+            idx = ResidualVQ.nearest(residual, c)
+            counts = torch.bincount(idx, minlength=k).float()
+            sums = torch.zeros_like(c).index_add_(0, idx, residual)
+            empty = counts == 0
+            c = torch.where(empty[:, None], c, sums / counts.clamp_min(1)[:, None])
+            if empty.any():
+                r = torch.randint(n, (int(empty.sum()),), generator=gen)
+                c[empty] = residual[r] + 1e-2 * scale * torch.randn(len(r), residual.shape[1], generator=gen)
+        idx = ResidualVQ.nearest(residual, c)
+        residual = residual - c[idx]
+        books.append(c)
+    return torch.stack(books)
+
+
+def perceptual_weight(n_bins: int, sample_rate: int) -> torch.Tensor:
+    f = (torch.arange(n_bins) + 0.5) * sample_rate / (2 * n_bins)
+    return torch.clamp(f / 4000.0, min=1.0).pow(-0.7)
+
+
+def sample_n_q(batch: int, ladder: tuple[int, ...], rng: random.Random, p_full: float = 0.3) -> torch.Tensor:
+    """Quantizer dropout: per example, the full stack with probability ``p_full``, else a ladder rung."""
+    out = []
+    for _ in range(batch):
+        out.append(ladder[-1] if rng.random() < p_full else rng.choice(ladder))
+    return torch.tensor(out)
+
+
+def forward_train(codec: NeuralRvqCodec, vq: EmaRvqTrainer | None, wav: torch.Tensor, n_q_items: torch.Tensor | None,
+                  w_mel: float = 1.0, w_mdct: float = 1.0, w_commit: float = 0.25, w_time: float = 0.0):
+    """One training forward on ``wav: [B, (F+1)*hop]`` segments (zero-padded convolutions).
+
+    ``vq=None`` (or an uninitialised quantizer) trains the plain autoencoder (warm-up).
+    Returns ``(loss, logs dict)``.
+    """
+    hop = codec.hop_length
+    y = codec.features(wav[:, None, :])  # [B, hop, F]
+    z = codec.encoder(y, pad=True)
+    commit = wav.new_zeros(())
+    if vq is not None and vq.initialized:
+        zq, commit, _ = vq.quantize(z, n_q_items)
+    else:
+        zq = z
+    y_hat = codec.decoder(zq, pad=True)
+    # companded-domain L1 with perceptual weighting (undo the per-bin normalisation)
+    w = perceptual_weight(hop, codec.sample_rate).to(wav.device)
+    scale = codec.feat_scale[None, :, None]
+    mdct_l1 = ((y_hat - y).abs() / scale * w[None, :, None]).mean() / w.mean()
+    x_hat = codec.unfeatures(y_hat)
+    rec = codec.mdct.inverse(x_hat)[:, hop:-hop]  # samples [hop, F*hop) of the segment
+    ref = wav[:, hop: wav.shape[1] - hop]
+    n = min(rec.shape[1], ref.shape[1])
+    rec, ref = rec[:, :n], ref[:, :n]
+    mel = multiscale_mel_loss(rec, ref, codec.sample_rate)
+    loss = w_mel * mel + w_mdct * mdct_l1 + w_commit * commit
+    logs = {"mel": mel.item(), "mdct": mdct_l1.item(), "commit": float(commit.detach())}
+    if w_time > 0:
+        t = (rec - ref).abs().mean()
+        loss = loss + w_time * t
+        logs["time"] = t.item()
+    logs["loss"] = loss.item()
+    return loss, logs
+
+
+@torch.no_grad()
+def collect_latents(codec: NeuralRvqCodec, batches, max_vectors: int = 20000) -> torch.Tensor:
+    vecs = []
+    for wav in batches:
+        z = codec.encoder(codec.features(wav[:, None, :]), pad=True)
+        vecs.append(z.permute(0, 2, 1).reshape(-1, z.shape[1]))
+    v = torch.cat(vecs)
+    if len(v) > max_vectors:
+        v = v[torch.randperm(len(v))[:max_vectors]]
+    return v
