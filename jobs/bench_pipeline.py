@@ -56,13 +56,13 @@ from pipeline.encode import decode_file
 from pipeline import archive
 import numpy as np, torch
 torch.set_num_threads(1)
-c = load("mdct_rvq"); geom = CodecGeometry.of(c); ctx = sum(c.encode_context)
+c = load(sys.argv[2]); geom = CodecGeometry.of(c); ctx = sum(c.encode_context)
 item = {"source": sys.argv[1], "file_id": 1, "size": 1, "prev_hash": ""}
 n = 0
 for row in decode_file(item, geom, window_frames=int(30 * c.frame_rate)):
     if row["kind"] == "win":
         x = np.frombuffer(row["payload"], np.float32).reshape(row["channels"], -1)
-        archive.pack_codes(c.encode(torch.from_numpy(x)[:, None, :], 8).numpy(), 10)
+        archive.pack_codes(c.encode(torch.from_numpy(x)[:, None, :], c.n_q_for_kbps(6)).numpy(), 10)
         n += 1
     else:
         info = json.loads(row["info"])
@@ -71,8 +71,8 @@ print(json.dumps({"windows": n, "status": info["status"], "duration_s": info.get
 """
 
 
-def worker_rss(path: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(path)], capture_output=True, text=True, check=True)
+def worker_rss(path: Path, codec: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(path), codec], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -81,7 +81,8 @@ def main(argv=None) -> None:
     ap.add_argument("--files", type=int, default=6)
     ap.add_argument("--minutes", type=float, default=3.0)
     ap.add_argument("--long-hours", type=float, default=3.0, help="length of the long input for peak RSS")
-    ap.add_argument("--codec", default="mdct_rvq")
+    from pipeline.codec.registry import DEFAULT_CODEC
+    ap.add_argument("--codec", default=DEFAULT_CODEC)
     ap.add_argument("--bitrate", type=float, default=6.0)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--skip-rss", action="store_true", help="skip the long-input peak RSS measurement")
@@ -134,7 +135,7 @@ def main(argv=None) -> None:
         synth(short, 180, rate=16000)
     if not long.exists():
         synth(long, args.long_hours * 3600, rate=16000)
-    r_short, r_long = worker_rss(short), worker_rss(long)
+    r_short, r_long = worker_rss(short, args.codec), worker_rss(long, args.codec)
     print(f"worker peak RSS: 3-minute input {r_short['peak_rss_mib']:.0f} MiB, {args.long_hours:g}-hour input "
           f"{r_long['peak_rss_mib']:.0f} MiB ({r_long['windows']} windows)")
 

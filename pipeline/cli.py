@@ -208,6 +208,16 @@ def cmd_monitor(args) -> int:
         return EXIT_ERROR
 
 
+JOB_COMMANDS = {"train": "jobs.train_codec", "codec-eval": "jobs.codec_eval"}
+
+
+def cmd_job(command: str, job_args: list[str]) -> int:
+    """``audioarc train`` / ``audioarc codec-eval``: the job entrypoints, with their own options."""
+    import importlib
+    rc = importlib.import_module(JOB_COMMANDS[command]).main(job_args)
+    return rc if isinstance(rc, int) else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .codec.registry import DEFAULT_CODEC
     p = argparse.ArgumentParser(prog="audioarc", description="Archive audio collections with a neural RVQ codec.")
@@ -300,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--once", action="store_true", help="start, show the targets it scrapes, stop (a check)")
     m.set_defaults(fn=cmd_monitor)
 
+    # listed for --help; main() hands their arguments to the job entrypoints untouched
+    sub.add_parser("train", help="train the neural codec (jobs/train_codec.py; `audioarc train --help`)")
+    sub.add_parser("codec-eval", help="evaluate codecs vs Opus/MP3 (jobs/codec_eval.py; `audioarc codec-eval --help`)")
+
     d = sub.add_parser("demo", help="set up a small real corpus and archive it (the README's first command)")
     d.add_argument("--workdir", default="out/demo")
     d.add_argument("--files", type=int, default=24, help="files to take from the corpus")
@@ -312,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in JOB_COMMANDS:
+        return cmd_job(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "s3_endpoint", None):
         import os

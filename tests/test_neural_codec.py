@@ -266,3 +266,14 @@ def test_shipped_weights_roundtrip(shipped):
     a = encode_array(c, x, 8, window_frames=1500)
     b = encode_array(c, x, 8, window_frames=37)
     assert (a == b).mean() >= 0.999
+
+
+def test_cli_runs_the_codec_jobs_with_their_options(capsys):
+    """`audioarc codec-eval` / `audioarc train` hand their options to the job entrypoints."""
+    from pipeline.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["codec-eval", "--help"])
+    assert e.value.code == 0 and "--bitrates" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0 and "--resume" in capsys.readouterr().out

@@ -44,7 +44,7 @@ register(CodecSpec("mdct_rvq", "MDCT frames + residual k-means codebooks learned
 register(CodecSpec("neural_rvq", "MDCT-domain conv autoencoder + 32-stage RVQ, trained (1.5-24 kbps)",
                    _neural_rvq, WEIGHTS_DIR / "neural_rvq.pt"))
 
-DEFAULT_CODEC = "mdct_rvq"
+DEFAULT_CODEC = "neural_rvq"
 
 
 def names() -> list[str]:
