@@ -61,11 +61,10 @@ def make_synthetic_archive(dest: str, n_files: int, per_shard: int = 250, per_ge
 
     from pipeline import archive
     from pipeline.codec import registry
-    from pipeline.manifest import ARCHIVED, ArchiveRecord, CodecRecord, Location, ManifestEntry
+    from pipeline.manifest import ARCHIVED, ArchiveRecord, Location, ManifestEntry
     codec = registry.load(registry.DEFAULT_CODEC)
     n_q = codec.n_q_for_kbps(6.0)
-    crec = CodecRecord(codec.name, codec.version, codec.checkpoint_hash(), codec.sample_rate, codec.hop_length,
-                       codec.codebook_size, n_q, round(codec.kbps(n_q), 4))
+    crec = codec.record(n_q)
     bits = archive.bits_for(codec.codebook_size)
     frames = int(file_seconds * codec.frame_rate)
     rng = np.random.default_rng(0)

@@ -93,6 +93,7 @@ def load_references(root: Path, max_files: int, seconds: float, heldout_only: bo
 # -- codecs under test ------------------------------------------------------------------------------
 def run_neural(codec, x: np.ndarray, kbps: float):
     """-> (decoded [T], actual kbps, encode xRT, decode xRT) or None when kbps is not on the ladder."""
+    from pipeline import archive
     from pipeline.codec.windows import decode_array, encode_array
     try:
         n_q = codec.n_q_for_kbps(kbps)
@@ -104,7 +105,7 @@ def run_neural(codec, x: np.ndarray, kbps: float):
     t1 = time.perf_counter()
     y = decode_array(codec, codes, len(x))[0]
     t2 = time.perf_counter()
-    bits = codes.shape[1] * codes.shape[2] * codec.info().bits_per_code
+    bits = codes.shape[1] * codes.shape[2] * archive.bits_for(codec.codebook_size)
     return y, bits / dur / 1000, dur / (t1 - t0), dur / (t2 - t1)
 
 

@@ -461,8 +461,7 @@ def _batches(it: Iterable, n: int) -> Iterator[list]:
 def prepare_archive(cfg: EncodeConfig, codec) -> tuple[ArchiveRecord | None, CodecRecord, int]:
     """Check DEST against the codec and bitrate, remove an interrupted job's leftovers."""
     n_q = codec.n_q_for_kbps(cfg.bitrate_kbps)
-    rec = CodecRecord(codec.name, codec.version, codec.checkpoint_hash(), codec.sample_rate, codec.hop_length,
-                      codec.codebook_size, n_q, round(codec.kbps(n_q), 4))
+    rec = codec.record(n_q)
     storage.check_bucket(cfg.dest)
     storage.check_bucket(cfg.input_list or cfg.src)
     existing = archive.read_record(cfg.dest)

@@ -18,37 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-
-
-@dataclass(frozen=True)
-class CodecInfo:
-    """What an archive records about the codec that made it."""
-
-    name: str
-    version: str
-    checkpoint_hash: str
-    sample_rate: int
-    hop_length: int
-    codebook_size: int
-    n_q: int
-
-    @property
-    def frame_rate(self) -> float:
-        return self.sample_rate / self.hop_length
-
-    @property
-    def bits_per_code(self) -> int:
-        return int(math.ceil(math.log2(self.codebook_size)))
-
-    def kbps(self, n_q: int) -> float:
-        """Nominal bitrate of ``n_q`` stages per mono channel: n_q x log2(K) x frame_rate / 1000."""
-        return n_q * math.log2(self.codebook_size) * self.frame_rate / 1000.0
+from ..manifest import CodecRecord
 
 
 class Codec(nn.Module):
@@ -109,13 +83,7 @@ class Codec(nn.Module):
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def info(self) -> CodecInfo:
-        return CodecInfo(
-            name=self.name,
-            version=self.version,
-            checkpoint_hash=self.checkpoint_hash(),
-            sample_rate=self.sample_rate,
-            hop_length=self.hop_length,
-            codebook_size=self.codebook_size,
-            n_q=self.n_q,
-        )
+    def record(self, n_q: int) -> CodecRecord:
+        """What an archive made with ``n_q`` stages of this codec records about it (``archive.json``)."""
+        return CodecRecord(self.name, self.version, self.checkpoint_hash(), self.sample_rate, self.hop_length,
+                           self.codebook_size, n_q, round(self.kbps(n_q), 4))
