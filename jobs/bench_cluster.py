@@ -5,7 +5,7 @@
 * actors: one local Ray node (this machine), the same corpus encoded with --actors 1 then 2 (warm driver,
   one generation, fixed pools); speedup = x_realtime(2) / x_realtime(1).
 * nodes: a loopback cluster (jobs.loopback_cluster) with 1 node vs 2 nodes, the encode run as a driver
-  subprocess (``python -m jobs.encode --address``), default actor count (CPUs // 2 per cluster).
+  subprocess (``python -m jobs.encode --address``), default actor count (1 per CPU of the cluster).
 Every line carries the 1-minute load average before/after, since the machine may be shared.
 """
 from __future__ import annotations

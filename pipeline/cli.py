@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--codec", default=DEFAULT_CODEC, help=f"codec name (default {DEFAULT_CODEC}; see `codecs`)")
     e.add_argument("--codec-weights", help="checkpoint file for the codec (default: the shipped one)")
     e.add_argument("--window-seconds", type=float, default=30.0, help="codec window length (memory bound)")
-    e.add_argument("--actors", type=int, help="codec actors (default: 1 per GPU, else CPUs/2)")
+    e.add_argument("--actors", type=int, help="codec actors (default: 1 per GPU, else 1 per CPU)")
     e.add_argument("--gpus-per-actor", type=float, help="GPUs per codec actor (fractional packs several)")
     e.add_argument("--threads-per-actor", type=int, default=1, help="torch threads per CPU codec actor")
     e.add_argument("--batch-windows", type=int, help="windows per codec forward pass (default 4 on CPU, 64 "
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--min-actors", type=int, help="autoscaling codec actor pool: fewest actors (default "
                    "--actors or 1)")
     e.add_argument("--max-actors", type=int, help="autoscaling codec actor pool: most actors (default "
-                   "--actors, else 1 per GPU slot or CPUs/2)")
+                   "--actors, else 1 per GPU slot or 1 per CPU)")
     e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="GPU autocast precision (CPU always fp32); check fidelity with jobs/bench_codec.py")
     e.add_argument("--commit-every", type=int, default=500, help="files per committed generation")

@@ -35,12 +35,12 @@ class EncodeConfig:
     codec: str = registry.DEFAULT_CODEC
     codec_weights: str | None = None
     window_seconds: float = 30.0
-    actors: int | None = None  # codec actors; default: 1 per GPU, else max(1, CPUs // 2)
+    actors: int | None = None  # codec actors; default: 1 per GPU slot, else 1 per CPU
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
     threads_per_actor: int = 1  # torch threads in each CPU codec actor
     batch_windows: int | None = None  # windows per codec forward pass; default 4 on CPU, 64 on GPU
     min_actors: int | None = None  # autoscaling pool bounds (ActorPoolStrategy); default: --actors or 1
-    max_actors: int | None = None  # ... default: --actors, else 1 per GPU slot or CPUs // 2
+    max_actors: int | None = None  # ... default: --actors, else 1 per GPU slot or 1 per CPU
     precision: str = "fp32"  # GPU autocast: fp32 | bf16 | fp16 (check fidelity first: jobs/bench_codec.py)
     commit_every: int = 500  # files per committed generation (resume granularity)
     shard_mb: float = 64.0  # target shard size: rows are bundled into write tasks of about this much

@@ -12,7 +12,7 @@ from pipeline.errors import ConfigError
 
 def test_cpu_cluster_gets_cpu_actors():
     p = placement.plan_actors({"CPU": 8})
-    assert (p.device, p.gpus_per_actor, p.min_actors, p.max_actors) == ("cpu", 0.0, 1, 4)
+    assert (p.device, p.gpus_per_actor, p.min_actors, p.max_actors) == ("cpu", 0.0, 1, 8)
     assert p.batch_windows == placement.CPU_BATCH_WINDOWS
     assert p.remote_args() == {"num_cpus": placement.CPU_PER_CODEC_ACTOR}
 
