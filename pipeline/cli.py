@@ -330,7 +330,6 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_job(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "s3_endpoint", None):
-        import os
         os.environ["AUDIOARC_S3_ENDPOINT"] = args.s3_endpoint  # read by storage and passed on to Ray workers
     try:
         from .cluster import is_job_server
