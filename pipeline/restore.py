@@ -58,7 +58,7 @@ def restore_entry(dest: str, rec: ArchiveRecord, entry: ManifestEntry, out_url: 
     if codec is None:
         codec = registry.load(rec.codec.name, weights)
         archive.check_codec(rec.codec, codec, dest)
-    joiner = Joiner(codec, entry.codec_samples)
+    joiner = Joiner(codec, entry.codec_samples, channels=entry.channels)
     res = audio.Resampler(codec.sample_rate, entry.sample_rate, entry.channels)
     written = 0
     partial = out_url + ".partial"  # renamed into place only when complete
@@ -70,8 +70,8 @@ def restore_entry(dest: str, rec: ArchiveRecord, entry: ManifestEntry, out_url: 
                 w.write(np.clip(block, -1.0, 1.0).T)
                 written += block.shape[1]
 
-        for _, codes in archive.read_file_codes(dest, entry, rec.codec):
-            for block in joiner.feed(codes):
+        for _, codes, gains in archive.read_file_windows(dest, entry, rec.codec):
+            for block in joiner.feed(codes, gains):
                 emit(res.process(block))
         for block in joiner.finish():
             emit(res.process(block))
