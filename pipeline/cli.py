@@ -182,9 +182,12 @@ def cmd_codecs(args) -> int:
             print(f"{r['name']:14} unavailable: {r['unavailable']}")
             continue
         rates = ", ".join(f"{b:g}" for b in r["bitrates_kbps"])
+        per = "per channel" if r["channels"] == 1 else f"per {r['channels']}-channel stream"
         print(f"{r['name']:14}{' (default)' if r['default'] else ''} {r['sample_rate']} Hz, "
               f"{r['frame_rate']:g} frames/s, {r['codebook_size']}-entry codebooks x {r['n_q']}; "
-              f"kbps per channel: {rates}\n{'':14} {r['description']}")
+              f"kbps {per}: {rates}\n{'':14} {r['description']}")
+        if r["needs_weights"]:
+            print(f"{'':14} needs --codec-weights PATH: {r['weights']}")
     return EXIT_OK
 
 
