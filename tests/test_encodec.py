@@ -4,6 +4,7 @@ round trip through the archive. Skipped only when the ``encodec`` package is not
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 
 import numpy as np
@@ -181,3 +182,125 @@ def test_round_trip_through_the_archive(tmp_path, cli, weights24, codec24):
     assert not (tmp_path / "o2").exists()
     code, _ = cli("encode", src, tmp_path / "arc2", "--codec", "encodec_24khz")
     assert code == 1 and "--codec-weights" in cli.last_err
+
+
+# -- 48 kHz: joint stereo, 1 s segments, gains beside the codes -----------------------------------
+@pytest.fixture(scope="module")
+def weights48(tmp_path_factory):
+    torch.set_num_threads(1)
+    path = tmp_path_factory.mktemp("w48") / "encodec48.th"
+    torch.save(ea.random_state_dict(ea.Encodec48kCodec, seed=0), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def codec48(weights48):
+    return registry.load("encodec_48khz", weights48)
+
+
+def test_48k_architecture_and_ladder(codec48):
+    c = codec48
+    assert 14.8e6 < c.n_params() < 14.9e6
+    assert (c.sample_rate, c.channels, c.codebook_size, c.n_q, c.segment_frames, c.side_gains) == \
+        (48000, 2, 1024, 16, 150, True)
+    assert c.ladder() == {3.0: 2, 6.0: 4, 12.0: 8, 24.0: 16}
+    assert tuple(sorted(c.ladder())) == c.target_bandwidths
+    assert c.hop_length * c.segment_frames == 47550  # segment stride; segments are 48000 samples
+    assert c.n_frames(48000 * 3) == 455
+
+
+def test_48k_codes_do_not_depend_on_the_windows(codec48):
+    """Segments are coded independently, as EnCodec does: any window cut gives the same codes, gains and
+    decoded samples (to float rounding: the segments are batched differently)."""
+    x = ea.probe_audio(3.2, 48000, channels=2, seed=4)
+    a, ga = encode_array(codec48, x, 4, window_frames=150, with_gains=True)
+    b, gb = encode_array(codec48, x, 4, window_frames=1500, with_gains=True)
+    assert a.shape == (1, 4, codec48.n_frames(x.shape[1])) and ga.shape == (1, 4)
+    assert np.mean(a != b) <= 0.002  # a near-tie may flip with the last bit of a batched convolution
+    np.testing.assert_array_equal(ga, gb)
+    assert a.min() >= 0 and a.max() < 1024
+    ya = decode_array(codec48, a, x.shape[1], window_frames=150, gains=ga)
+    yb = decode_array(codec48, a, x.shape[1], window_frames=1500, gains=ga)
+    assert ya.shape == x.shape
+    np.testing.assert_allclose(ya, yb, atol=1e-5 * float(np.sqrt(np.mean(ya ** 2))))
+    with pytest.raises(ValueError, match="with_gains"):
+        encode_array(codec48, x, 4)
+    with pytest.raises(ValueError, match="gains"):
+        decode_array(codec48, a, x.shape[1])
+
+
+def test_48k_segment_matches_encodec_itself(codec48, weights48):
+    """One 1 s segment: the adapter's codes and audio are EnCodec's own (``EncodecModel.encode/decode``
+    with the same weights), but for the gain, which the adapter rounds to float16 before normalising."""
+    model = ea._build("48")
+    model.load_state_dict(torch.load(weights48, weights_only=True))
+    model.set_target_bandwidth(6.0)
+    x = torch.from_numpy(ea.probe_audio(1.0, 48000, channels=2, seed=5))[None]
+    with torch.inference_mode():
+        ref_codes, scale = model.encode(x)[0]  # its first segment: x[:, :, :48000]
+        ref = model._decode_frame((ref_codes, scale))
+        codes, gains = codec48.encode_with_gains(x, 4)  # 150 frames = 150 * 317 + 450 samples
+        pad, none = torch.zeros(1, 4, 150, dtype=torch.int64), torch.zeros(1, 1)  # no segment before it
+        y = codec48.decode_with_gains(torch.cat([pad, codes], -1), torch.cat([none, gains], 1))
+        y_own = codec48.decode_with_gains(torch.cat([pad, ref_codes], -1), torch.cat([none, scale.view(1, 1)], 1))
+    n = y.shape[-1]
+    assert n == 47550  # the segment's own samples; the last 450 are crossfaded with the next segment
+    np.testing.assert_array_equal(y_own.numpy(), ref[..., :n].numpy())  # EnCodec's frame, decoded alike
+    assert float(gains[0, 0]) == pytest.approx(float(scale), rel=2 ** -11)  # float16
+    assert (codes == ref_codes).float().mean() >= 0.98  # the float16 gain may flip a rare near-tie
+    rel = float((y - ref[..., :n]).abs().max() / ref.pow(2).mean().sqrt())
+    assert rel < (3e-3 if torch.equal(codes, ref_codes) else 0.05)  # float16 gain: <= 2^-11 of the level
+
+
+def test_48k_decoding_applies_the_stored_gains(codec48):
+    x = ea.probe_audio(2.5, 48000, channels=2, seed=6)
+    codes, gains = encode_array(codec48, x, 8, with_gains=True)
+    y1 = decode_array(codec48, codes, x.shape[1], gains=gains)
+    y2 = decode_array(codec48, codes, x.shape[1], gains=gains * 2)
+    np.testing.assert_allclose(y2, 2 * y1, rtol=1e-5, atol=1e-7)
+    mono = decode_array(codec48, codes, x.shape[1], gains=gains, channels=1)
+    np.testing.assert_allclose(mono[0], y1.mean(axis=0), rtol=1e-5, atol=1e-7)
+
+
+def test_48k_round_trip_through_the_archive(tmp_path, cli, weights48):
+    """Stereo in/out, mono in/out, a 6-channel file refused with the reason, and the gains: a quiet and a
+    loud copy of the same stereo signal restore at the same level ratio as the originals."""
+    import pyarrow.parquet as pq
+
+    from pipeline.cli import EXIT_PARTIAL
+    src, dest = tmp_path / "src", tmp_path / "arc"
+    loud = ea.probe_audio(2.3, 48000, channels=2, seed=8).T
+    files = {"loud.wav": loud, "quiet.wav": 0.05 * loud}
+    for name, x in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(str(src / name), x, 48000, subtype="FLOAT")
+    af.write(src / "mono_44k.flac", 1.2, 44100, 1, kind="chirp")
+    six = af.write(src / "surround.wav", 0.5, 48000, 6)
+    w = str(weights48)
+    code, out = cli("encode", src, dest, "--codec", "encodec_48khz", "--codec-weights", w, "--window-seconds", "1",
+                    "--quality-sample", "1", "--no-visqol", "--json")
+    assert code == EXIT_PARTIAL
+    s = json.loads(out)
+    assert s["files_archived"] == 3 and s["files_failed"] == 1
+    q = s["quality"]["summary"]
+    assert q["files_measured"] == 3 and q["files_bad_pairs"] == 0  # quality decodes stereo and mono alike
+    rows = {r["relpath"]: r for r in cli.json("ls", dest)}
+    assert rows["surround.wav"]["status"] == "failed"
+    reason = rows["surround.wav"]["reason"]
+    assert str(six) in reason and "6 channels" in reason and "mono codec" in reason
+    assert all(rows[n]["status"] == "archived" for n in ("loud.wav", "quiet.wav", "mono_44k.flac"))
+    d = cli.json("inspect", dest)
+    assert d["format_version"] == "1.1" and d["codec"]["name"] == "encodec_48khz" and d["bitrate_kbps"] == 6.0
+    shards = list((dest / "shards").rglob("*.parquet"))
+    t = pq.read_table(shards[0])
+    assert set(t["channels"].to_pylist()) == {1}  # one joint-stereo code stream per file
+    assert all(g is not None and len(g) % 2 == 0 for g in t["gains"].to_pylist())
+    out = {p["source"].rsplit("/", 1)[1]: p["path"] for p in
+           cli.json("restore", dest, tmp_path / "out", "--format", "wav", "--codec-weights", w)}
+    assert set(out) == {"loud.wav", "quiet.wav", "mono_44k.flac"}
+    back = {n: sf.read(p, always_2d=True) for n, p in out.items()}
+    assert back["loud.wav"][0].shape == loud.shape and back["loud.wav"][1] == 48000
+    y, rate = back["mono_44k.flac"]
+    assert rate == 44100 and y.shape == sf.read(str(src / "mono_44k.flac"), always_2d=True)[0].shape
+    rms = {n: float(np.sqrt(np.mean(back[n][0] ** 2))) for n in ("loud.wav", "quiet.wav")}
+    assert rms["loud.wav"] / rms["quiet.wav"] == pytest.approx(20.0, rel=0.02)

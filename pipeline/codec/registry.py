@@ -63,6 +63,15 @@ register(CodecSpec("encodec_24khz", "EnCodec 24 kHz (Meta, pretrained; mono, cau
                    _encodec_24khz, None, needs_weights=True,
                    weights_hint=ENCODEC_HINT.format(file="encodec_24khz-d7cc33bc.th")))
 
+def _encodec_48khz() -> Codec:
+    from .encodec_adapter import Encodec48kCodec
+    return Encodec48kCodec()
+
+
+register(CodecSpec("encodec_48khz", "EnCodec 48 kHz (Meta, pretrained; joint stereo, 1 s segments + gains, "
+                   "3-24 kbps per stereo stream)", _encodec_48khz, None, needs_weights=True,
+                   weights_hint=ENCODEC_HINT.format(file="encodec_48khz-7e698e3e.th")))
+
 DEFAULT_CODEC = "neural_rvq"
 
 
