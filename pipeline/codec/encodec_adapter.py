@@ -122,6 +122,7 @@ class _EncodecBase(Codec):
 
     def load_weights(self, state: dict, where: str = "checkpoint") -> None:
         sd = state["model"] if "model" in state and isinstance(state["model"], dict) else state
+        getattr(self, "_pad", {}).clear()  # codes derived from the old weights
         try:
             self.load_state_dict(sd)
         except RuntimeError as e:
@@ -185,7 +186,7 @@ class Encodec48kCodec(_EncodecBase):
     each segment is normalised by the RMS of its mono mix (the float ``scale`` must be kept to decode),
     coded on its own (its SEANet uses time group norm over the whole segment, so a segment's codes do
     not depend on anything outside it), and decoded segments are overlap-added with a linear
-    crossfade over 1% of a segment. The adapter reproduces exactly that, on a grid that keeps
+    crossfade over 1% of a segment. The adapter does the same, on a grid that keeps
     audioarc's one-code-vector-per-hop contract:
 
     * segment ``k`` is samples ``[k * 47550, k * 47550 + 48000)``: 150 code frames, overlapping the next
