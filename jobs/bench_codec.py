@@ -2,6 +2,9 @@
 precision fidelity check (codes agreement + decoded SNR vs fp32); FLOPs per audio second.
 
     python -m jobs.bench_codec [--seconds 10 --batches 1,8,64 --precision bf16]
+    python -m jobs.bench_codec --codecs encodec_24khz --codec-weights encodec_24khz=encodec_24khz-d7cc33bc.th
+
+Codecs that ship no weights (EnCodec) run only with ``--codec-weights NAME=PATH``.
 
 Prints one JSON line per (codec, device, batch, op): x_realtime = audio seconds processed / wall second.
 """
@@ -21,12 +24,12 @@ from pipeline.codec import registry
 def flops_per_audio_second(codec, n_q: int, seconds: float = 2.0) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
     n = codec.n_frames(int(seconds * codec.sample_rate))
-    x = torch.zeros(1, 1, n * codec.hop_length + sum(codec.encode_context))
+    x = torch.zeros(1, codec.channels, n * codec.hop_length + sum(codec.encode_context))
     with FlopCounterMode(display=False) as fc:
-        codes = codec.encode(x, n_q)
+        codes, gains = codec.encode_with_gains(x, n_q)
     enc = fc.get_total_flops()
     with FlopCounterMode(display=False) as fc:
-        codec.decode(codes)
+        codec.decode_with_gains(codes, gains)
     dec = fc.get_total_flops()
     audio_s = n * codec.hop_length / codec.sample_rate
     return {"encode_flops_per_audio_s": enc / audio_s, "decode_flops_per_audio_s": dec / audio_s}
@@ -34,16 +37,17 @@ def flops_per_audio_second(codec, n_q: int, seconds: float = 2.0) -> dict:
 
 def bench(codec, device: str, batch: int, seconds: float, n_q: int, precision: str, reps: int = 3) -> list[dict]:
     n = codec.n_frames(int(seconds * codec.sample_rate))
-    x = (0.1 * np.random.default_rng(0).standard_normal((batch, n * codec.hop_length + sum(codec.encode_context)))
-         ).astype(np.float32)
+    n = -(-n // codec.segment_frames) * codec.segment_frames
+    x = (0.1 * np.random.default_rng(0).standard_normal(
+        (batch, codec.channels, n * codec.hop_length + sum(codec.encode_context)))).astype(np.float32)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     out = []
     with torch.inference_mode(), placement.autocast(device, precision):
-        wav = placement.to_device(x, device)[:, None, :]
-        codes = codec.encode(wav, n_q)  # warm-up
-        codec.decode(codes)
-        for op, fn in (("encode", lambda: codec.encode(placement.to_device(x, device)[:, None, :], n_q)),
-                       ("decode", lambda: codec.decode(codes).cpu())):
+        wav = placement.to_device(x, device)
+        codes, gains = codec.encode_with_gains(wav, n_q)  # warm-up
+        codec.decode_with_gains(codes, gains)
+        for op, fn in (("encode", lambda: codec.encode_with_gains(placement.to_device(x, device), n_q)),
+                       ("decode", lambda: codec.decode_with_gains(codes, gains).cpu())):
             sync()
             t = time.perf_counter()
             for _ in range(reps):
@@ -58,14 +62,16 @@ def fidelity(codec, device: str, precision: str, n_q: int, seconds: float = 10.0
     """Codes agreement and decoded SNR of ``precision`` vs fp32 on the same device (CPU: CPU autocast)."""
     rng = np.random.default_rng(1)
     n = codec.n_frames(int(seconds * codec.sample_rate))
+    n = -(-n // codec.segment_frames) * codec.segment_frames
     t = np.arange(n * codec.hop_length + sum(codec.encode_context)) / codec.sample_rate
-    x = (0.2 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)[None]
+    x = (0.2 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+    x = np.broadcast_to(x, (1, codec.channels, t.size)).copy()
     with torch.inference_mode():
-        wav = placement.to_device(x, device)[:, None, :]
-        ref = codec.encode(wav, n_q)
+        wav = placement.to_device(x, device)
+        ref, g_ref = codec.encode_with_gains(wav, n_q)
         with placement.autocast(device, precision, allow_cpu=True):
-            low = codec.encode(wav, n_q)
-        a, b = codec.decode(ref).float(), codec.decode(low).float()
+            low, g_low = codec.encode_with_gains(wav, n_q)
+        a, b = codec.decode_with_gains(ref, g_ref).float(), codec.decode_with_gains(low, g_low).float()
     agree = (ref == low).float().mean().item()
     snr = 10 * torch.log10(a.pow(2).sum() / (a - b).pow(2).sum().clamp_min(1e-20)).item()
     return {"precision": precision, "device": device, "codes_agreement": round(agree, 5),
@@ -80,15 +86,21 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--precision", default="fp32", choices=placement.PRECISIONS,
                     help="also check this precision's fidelity vs fp32")
+    ap.add_argument("--codecs", help="comma-separated codec names (default: every codec that ships weights)")
+    ap.add_argument("--codec-weights", action="append", default=[], metavar="NAME=PATH",
+                    help="checkpoint of a codec (required for codecs that ship none, e.g. encodec_24khz)")
     a = ap.parse_args(argv)
+    weights = dict(w.split("=", 1) for w in a.codec_weights)
+    names = a.codecs.split(",") if a.codecs else [n for n in registry.names()
+                                                 if not registry.spec(n).needs_weights or n in weights]
     torch.set_num_threads(a.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(json.dumps({"gpu_path": "cuda" in devices, "cuda_available": torch.cuda.is_available(),
                       "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                       "torch": torch.__version__, "threads": a.threads}))
-    for name in registry.names():
+    for name in names:
         for dev in devices:
-            codec = registry.load(name, device=dev)
+            codec = registry.load(name, weights.get(name), device=dev)
             n_q = codec.n_q_for_kbps(a.bitrate)
             if dev == "cpu":
                 print(json.dumps({"codec": name, "n_q": n_q, **flops_per_audio_second(codec, n_q)}))

@@ -303,6 +303,9 @@ def main(argv=None) -> list[dict]:
     codecs = {}
     for i, name in enumerate(args.codec):
         codecs[name] = registry.load(name, args.codec_weights if i == 0 else None)
+        if (codecs[name].sample_rate, codecs[name].channels) != (RATE, 1):
+            raise SystemExit(f"codec_eval compares 24 kHz mono codecs; {name} is {codecs[name].sample_rate} Hz, "
+                             f"{codecs[name].channels} channels per stream")
     print(f"{len(refs)} references ({', '.join(sorted({r['kind'] for r in refs}))}), codecs {list(codecs)}, "
           f"baselines {baselines}, ViSQOL {'on' if use_visqol else 'off'}")
     rows = []

@@ -31,7 +31,7 @@ from .errors import ArchiveFormatError, CodecMismatchError, StorageError
 from .manifest import ArchiveRecord, CodecRecord, Location, ManifestEntry
 
 FORMAT_NAME = "audioarc"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"  # 1.1: optional ``gains`` column (1.0 archives read unchanged: no gains)
 SUPPORTED_MAJOR = 1
 COMMIT_FILE = "archive.json"
 META_FORMAT = b"audioarc.format"
@@ -46,6 +46,9 @@ CODES_SCHEMA = pa.schema([
     ("channels", pa.int16()),
     ("n_q", pa.int16()),
     ("codes", pa.binary()),  # [channels, n_q, n_frames] indices, bit-packed big-endian, ceil(log2 K) bits
+    # since 1.1, null unless the codec has side gains: [channels, n_segments] float16 little-endian, one
+    # per segment of the window (EnCodec 48 kHz: the RMS each 1 s segment was normalised by)
+    ("gains", pa.binary()),
 ])
 
 MANIFEST_SCHEMA = pa.schema([
@@ -125,6 +128,19 @@ def pack_codes(codes: np.ndarray, bits: int) -> bytes:
     return np.packbits(b.ravel()).tobytes()
 
 
+def pack_gains(gains: np.ndarray) -> bytes:
+    """``[C, n_segments]`` gains -> float16 little-endian bytes (the codec quantises them to float16
+    before using them, so this is lossless)."""
+    return np.ascontiguousarray(gains, dtype="<f2").tobytes()
+
+
+def unpack_gains(data: bytes, channels: int) -> np.ndarray:
+    g = np.frombuffer(data, dtype="<f2")
+    if g.size % max(channels, 1):
+        raise ArchiveFormatError(f"gains payload holds {g.size} values, not a multiple of {channels} channels")
+    return g.astype(np.float32).reshape(channels, -1)
+
+
 def unpack_codes(data: bytes, shape: tuple[int, int, int], bits: int) -> np.ndarray:
     n = shape[0] * shape[1] * shape[2]
     b = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[: n * bits]
@@ -174,8 +190,9 @@ class ShardWriter:
         self.rows = 0
 
     def add(self, row: dict) -> None:
+        row.setdefault("gains", None)
         self.buf.append(row)
-        self.buf_bytes += len(row["codes"])
+        self.buf_bytes += len(row["codes"]) + len(row["gains"] or b"")
         if self.buf_bytes >= self.row_group_bytes:
             self.flush()
 
@@ -197,6 +214,14 @@ class ShardWriter:
 
 def read_file_codes(dest: str, entry: ManifestEntry, codec: CodecRecord) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(frame_start, codes [C, K, F])`` of ``entry``'s windows in order, reading only its row groups."""
+    for frame_start, codes, _ in read_file_windows(dest, entry, codec):
+        yield frame_start, codes
+
+
+def read_file_windows(dest: str, entry: ManifestEntry, codec: CodecRecord
+                      ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    """Yield ``(frame_start, codes [C, K, F], gains [C, segments] or None)`` of ``entry``'s windows in
+    order, reading only its row groups (gains: format 1.1 rows of side-gain codecs; None otherwise)."""
     bits = bits_for(codec.codebook_size)
     by_shard: dict[str, list[int]] = {}
     for loc in entry.locations:
@@ -215,7 +240,9 @@ def read_file_codes(dest: str, entry: ManifestEntry, codec: CodecRecord) -> Iter
             if r["seq"] in rows:  # a retried task may have written a window twice: identical, keep one
                 continue
             shape = (r["channels"], r["n_q"], r["n_frames"])
-            rows[r["seq"]] = (r["frame_start"], unpack_codes(r["codes"], shape, bits))
+            g = r.get("gains")  # absent from 1.0 shards
+            rows[r["seq"]] = (r["frame_start"], unpack_codes(r["codes"], shape, bits),
+                              None if g is None else unpack_gains(g, r["channels"]))
     if sorted(rows) != list(range(entry.n_windows)):
         missing = sorted(set(range(entry.n_windows)) - set(rows))
         raise ArchiveFormatError(f"{entry.source}: archive is missing code windows {missing[:10]} "

@@ -105,7 +105,7 @@ def _print_quality(summary: dict, violations: list[dict]) -> None:
 def cmd_quality(args) -> int:
     from .quality import run_quality
     r = run_quality(args.dest, _quality_config(args, 0.0), sample=args.sample, patterns=tuple(args.patterns),
-                    address=args.address)
+                    address=args.address, weights=args.codec_weights)
     if args.json:
         _print_json({"summary": r.summary, "violations": r.violations, "files": r.rows, "table": r.table,
                      "report": r.report})
@@ -182,9 +182,12 @@ def cmd_codecs(args) -> int:
             print(f"{r['name']:14} unavailable: {r['unavailable']}")
             continue
         rates = ", ".join(f"{b:g}" for b in r["bitrates_kbps"])
+        per = "per channel" if r["channels"] == 1 else f"per {r['channels']}-channel stream"
         print(f"{r['name']:14}{' (default)' if r['default'] else ''} {r['sample_rate']} Hz, "
               f"{r['frame_rate']:g} frames/s, {r['codebook_size']}-entry codebooks x {r['n_q']}; "
-              f"kbps per channel: {rates}\n{'':14} {r['description']}")
+              f"kbps {per}: {rates}\n{'':14} {r['description']}")
+        if r["needs_weights"]:
+            print(f"{'':14} needs --codec-weights PATH: {r['weights']}")
     return EXIT_OK
 
 
@@ -288,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("patterns", nargs="*", help="evaluate files matching these globs instead of a sample")
     q.add_argument("--sample", type=int, default=None, help="number of files (stratified; default 20)")
     q.add_argument("--address", help="Ray cluster address")
+    q.add_argument("--codec-weights", help="checkpoint of the archive's codec, if not the shipped one")
     q.add_argument("--json", action="store_true")
     _add_quality_options(q)
     q.set_defaults(fn=cmd_quality)

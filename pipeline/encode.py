@@ -107,12 +107,13 @@ def file_id_for(uri: str) -> int:
 
 
 # -- rows flowing through the pipeline ------------------------------------------------------------
-# every row has the same columns; kind is "win" (a window: payload = float32 samples, later packed codes)
-# or "info" (one per input, at its end: info = JSON of what is known about the file).
+# every row has the same columns; kind is "win" (a window: payload = float32 samples [channels, n], later
+# packed codes [streams, n_q, n_frames], and channels becomes the number of code streams; gains: packed
+# side gains of codecs that have them) or "info" (one per input, at its end: info = JSON about the file).
 def _row(kind: str, file_id: int, seq: int = 0, frame_start: int = 0, n_frames: int = 0, channels: int = 0,
          payload: bytes = b"", info: str = "") -> dict:
     return {"kind": kind, "file_id": file_id, "seq": seq, "frame_start": frame_start, "n_frames": n_frames,
-            "channels": channels, "payload": payload, "info": info}
+            "channels": channels, "payload": payload, "gains": b"", "info": info}
 
 
 def decode_file(item: dict, geom: CodecGeometry, window_frames: int, block_frames: int = 1 << 16,
@@ -139,20 +140,30 @@ def decode_file(item: dict, geom: CodecGeometry, window_frames: int, block_frame
                 raise InputError(f"{uri}: empty file (0 bytes); remove it or replace it with the real recording")
             ai = audio.probe(f, uri)
             info.update(sample_rate=ai.sample_rate, channels=ai.channels)
+            cc = geom.channels  # channels per code stream: 1 = each channel its own stream
+            if cc > 1 and ai.channels > cc:
+                raise InputError(
+                    f"{uri}: {ai.channels} channels, but codec {geom.name!r} codes one joint-stereo stream per "
+                    f"file (mono or stereo inputs only); archive it with a mono codec (--codec encodec_24khz "
+                    f"or neural_rvq), which codes every channel separately")
+            up = cc if cc > 1 and ai.channels == 1 else 1  # a mono file is coded as stereo (restored as mono)
             res = audio.Resampler(ai.sample_rate, geom.sample_rate, ai.channels)
-            win = Windower(geom, window_frames, ai.channels)
+            win = Windower(geom, window_frames, ai.channels * up)
             frames = 0
 
             def rows(ws):
                 for w in ws:
-                    yield _row("win", fid, w.seq, w.start, w.stop - w.start, ai.channels, w.samples.tobytes())
+                    yield _row("win", fid, w.seq, w.start, w.stop - w.start, ai.channels * up, w.samples.tobytes())
+
+            def widen(block):
+                return np.repeat(block, up, axis=0) if up > 1 else block
 
             for block in audio.read_blocks(f, uri, block_frames):
                 frames += block.shape[1]
-                yield from rows(win.push(res.process(block)))
+                yield from rows(win.push(widen(res.process(block))))
             if frames == 0:
                 raise InputError(f"{uri}: zero-length audio (the file has a header but no samples)")
-            yield from rows(win.push(res.flush()))
+            yield from rows(win.push(widen(res.flush())))
             yield from rows(win.finish())
             info.update(status=ARCHIVED, frames=frames, duration_s=frames / ai.sample_rate,
                         codec_samples=win.total, codec_frames=win.next_frame, n_windows=win.seq)
@@ -203,24 +214,32 @@ class CodecActor:
         torch = self.torch
         t0 = time.perf_counter()
         payload = list(batch["payload"])
+        gains_out = list(batch["gains"])
+        streams = [int(c) for c in batch["channels"]]
         info = list(batch["info"])
         kinds = batch["kind"]
+        cc = self.codec.channels
         groups: dict[int, list[int]] = {}
         for i, k in enumerate(kinds):
             if k == "win":
                 groups.setdefault(int(batch["n_frames"][i]), []).append(i)
         seconds = 0.0
         for n_frames, idx in groups.items():
-            chans = [int(batch["channels"][i]) for i in idx]
+            chans = [int(batch["channels"][i]) // cc for i in idx]  # code streams per window
             length = n_frames * self.hop + self.ctx
-            x = np.concatenate([np.frombuffer(payload[i], np.float32).reshape(c, length)
+            x = np.concatenate([np.frombuffer(payload[i], np.float32).reshape(c, cc, length)
                                 for i, c in zip(idx, chans)])
             with torch.inference_mode(), placement.autocast(self.device, self.precision):
-                wav = placement.to_device(x, self.device)[:, None, :]
-                codes = self.codec.encode(wav, self.n_q).cpu().numpy()
+                wav = placement.to_device(x, self.device)  # [streams, cc, length]
+                codes, gains = self.codec.encode_with_gains(wav, self.n_q)
+                codes = codes.cpu().numpy()
+                gains = None if gains is None else gains.float().cpu().numpy()
             off = 0
             for i, c in zip(idx, chans):
                 payload[i] = archive.pack_codes(codes[off:off + c], self.bits)
+                if gains is not None:
+                    gains_out[i] = archive.pack_gains(gains[off:off + c])
+                streams[i] = c
                 off += c
             seconds += len(idx) * n_frames * self.hop / self.codec.sample_rate
         files = sum(1 for k in kinds if k == "info")
@@ -240,6 +259,8 @@ class CodecActor:
                 self.em.gpu(torch)
         out = dict(batch)
         out["payload"] = np.array(payload, dtype=object)
+        out["gains"] = np.array(gains_out, dtype=object)
+        out["channels"] = np.array(streams, dtype=batch["channels"].dtype)
         out["info"] = np.array(info, dtype=object)
         return out
 
@@ -307,9 +328,9 @@ def make_sink(dest: str, gen: int, codec: CodecRecord, shard_bytes: int, job_tag
                     fid = row["file_id"]
                     writer.add({"file_id": fid, "seq": row["seq"], "frame_start": row["frame_start"],
                                 "n_frames": row["n_frames"], "channels": row["channels"], "n_q": codec.n_q,
-                                "codes": row["payload"]})
+                                "codes": row["payload"], "gains": row["gains"] or None})
                     seqs.setdefault(fid, []).append(row["seq"])
-                    nbytes[fid] = nbytes.get(fid, 0) + len(row["payload"])
+                    nbytes[fid] = nbytes.get(fid, 0) + len(row["payload"]) + len(row["gains"] or b"")
             out = {"shard": None, "where": {}, "seqs": seqs, "codes_bytes": nbytes, "shard_bytes": 0,
                    "infos": infos}
             if writer is not None:
@@ -508,7 +529,8 @@ def _run_encode(cfg: EncodeConfig, on_progress, job_id: str, dm: "metrics.Driver
     codec = registry.load(cfg.codec, cfg.codec_weights)
     existing, crec, n_q = prepare_archive(cfg, codec)
     geom = CodecGeometry.of(codec)
-    window_frames = max(1, int(round(cfg.window_seconds * codec.frame_rate)))
+    seg = codec.segment_frames  # windows hold whole segments of segment codecs
+    window_frames = max(seg, -(-int(round(cfg.window_seconds * codec.frame_rate)) // seg) * seg)
     manifest = archive.read_manifest(cfg.dest, existing) if existing else {}
     init_ray(cfg.address)
     import ray
@@ -593,7 +615,8 @@ def _run_encode(cfg: EncodeConfig, on_progress, job_id: str, dm: "metrics.Driver
                                    archive.now())
             archive.write_record(cfg.dest, record)
             if sampler:  # sample this generation's files now, while the next one encodes
-                q_futures += [q_task.remote(cfg.dest, record, e, q) for e in entries if sampler.offer(e)]
+                q_futures += [q_task.remote(cfg.dest, record, e, q, weights=cfg.codec_weights)
+                              for e in entries if sampler.offer(e)]
         if on_progress or dm is not None:
             report(*ray.get(progress.get.remote()))
     if files_total == 0:
@@ -603,7 +626,7 @@ def _run_encode(cfg: EncodeConfig, on_progress, job_id: str, dm: "metrics.Driver
                                                      created, archive.now()))
     quality_result = None
     if sampler:
-        q_futures += [q_task.remote(cfg.dest, record, e, q) for e in sampler.leftovers()]
+        q_futures += [q_task.remote(cfg.dest, record, e, q, weights=cfg.codec_weights) for e in sampler.leftovers()]
         if q_futures:
             rows = ray.get(q_futures)
             quality_result = quality_mod.finish(cfg.dest, job_id, rows, q, {

@@ -215,9 +215,11 @@ def log_spectrogram(x: np.ndarray, rate: int, n_fft: int = 512, max_frames: int 
     return s[:, ::step].astype(np.float16)
 
 
-def evaluate(dest: str, rec: ArchiveRecord, entry: ManifestEntry, cfg: QualityConfig, codec=None) -> dict:
-    """Decode ``entry`` from the archive and compare an excerpt with its original. Never raises: a bad
-    pair (original gone or unreadable now) gives a row with ``error`` set."""
+def evaluate(dest: str, rec: ArchiveRecord, entry: ManifestEntry, cfg: QualityConfig, codec=None,
+             weights: str | None = None) -> dict:
+    """Decode ``entry`` from the archive (with ``codec``, else the archive's codec loaded with ``weights``)
+    and compare an excerpt with its original. Never raises: a bad pair (original gone or unreadable now)
+    gives a row with ``error`` set."""
     row = {"source": entry.source, "relpath": entry.relpath, "stratum": stratum(entry),
            "duration_s": entry.duration_s, "sample_rate": entry.sample_rate, "channels": entry.channels,
            "source_bytes": entry.size, "archive_bytes": entry.archive_bytes,
@@ -225,18 +227,19 @@ def evaluate(dest: str, rec: ArchiveRecord, entry: ManifestEntry, cfg: QualityCo
            "pcm_compression_ratio": entry.frames * entry.channels * 2 / entry.archive_bytes
            if entry.archive_bytes else None, "error": ""}
     try:
-        row.update(_measure(dest, rec, entry, cfg, codec))
+        row.update(_measure(dest, rec, entry, cfg, codec, weights))
     except Exception as e:  # noqa: BLE001 - recorded against the file
         row["error"] = f"{entry.source}: {type(e).__name__}: {e}"
     return row
 
 
-def _measure(dest: str, rec: ArchiveRecord, entry: ManifestEntry, cfg: QualityConfig, codec) -> dict:
+def _measure(dest: str, rec: ArchiveRecord, entry: ManifestEntry, cfg: QualityConfig, codec,
+             weights: str | None = None) -> dict:
     import soundfile as sf
 
     from .codec import metrics as M
     if codec is None:
-        codec = registry.load(rec.codec.name)
+        codec = registry.load(rec.codec.name, weights)
         archive.check_codec(rec.codec, codec, dest)
     sr, cr = entry.sample_rate, codec.sample_rate
     n = entry.frames if cfg.excerpt_seconds <= 0 else min(entry.frames, int(cfg.excerpt_seconds * sr))
@@ -249,7 +252,7 @@ def _measure(dest: str, rec: ArchiveRecord, entry: ManifestEntry, cfg: QualityCo
             ref = snd.read(n, dtype="float32", always_2d=True).T
     # decode the file (bounded memory), keeping only the excerpt at the codec rate and at the source rate
     c0, c1 = int(round(s0 * cr / sr)), int(round((s0 + n) * cr / sr))
-    joiner = Joiner(codec, entry.codec_samples)
+    joiner = Joiner(codec, entry.codec_samples, channels=entry.channels)
     res = audio.Resampler(cr, sr, entry.channels)
     at_codec, at_src = [], []
     pos_c = pos_s = 0
@@ -261,8 +264,8 @@ def _measure(dest: str, rec: ArchiveRecord, entry: ManifestEntry, cfg: QualityCo
         return pos + block.shape[1]
 
     def blocks():
-        for _, codes in archive.read_file_codes(dest, entry, rec.codec):
-            yield from joiner.feed(codes)
+        for _, codes, gains in archive.read_file_windows(dest, entry, rec.codec):
+            yield from joiner.feed(codes, gains)
         yield from joiner.finish()
 
     for blk in blocks():
@@ -372,7 +375,7 @@ def finish(dest: str, job_id: str, rows: list[dict], cfg: QualityConfig, context
 
 # -- on-demand job --------------------------------------------------------------------------------
 def run_quality(dest: str, cfg: QualityConfig, sample: int | None = None, patterns: tuple[str, ...] = (),
-                address: str | None = None) -> QualityResult:
+                address: str | None = None, weights: str | None = None) -> QualityResult:
     """``audioarc quality``: evaluate ``sample`` stratified files (or those matching ``patterns``) as Ray tasks."""
     from .encode import init_ray
     from .restore import open_archive, select
@@ -384,12 +387,12 @@ def run_quality(dest: str, cfg: QualityConfig, sample: int | None = None, patter
         chosen = sample_manifest(list(entries.values()), sample if sample is not None else 20, cfg.seed)
     if not chosen:
         raise ConfigError(f"{dest}: no archived files to sample")
-    codec = registry.load(rec.codec.name)
+    codec = registry.load(rec.codec.name, weights)
     archive.check_codec(rec.codec, codec, dest)
     init_ray(address)
     import ray
     task = ray.remote(num_cpus=1)(evaluate)
-    rows = ray.get([task.remote(dest, rec, e, cfg) for e in chosen])
+    rows = ray.get([task.remote(dest, rec, e, cfg, weights=weights) for e in chosen])
     job_id = f"quality-{archive.now().replace(':', '')}"
     return finish(dest, job_id, rows, cfg, {"archive": dest, "codec": rec.codec.name,
                                              "bitrate_kbps": rec.codec.kbps_per_channel, "files": len(entries)})

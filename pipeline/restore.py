@@ -58,7 +58,7 @@ def restore_entry(dest: str, rec: ArchiveRecord, entry: ManifestEntry, out_url: 
     if codec is None:
         codec = registry.load(rec.codec.name, weights)
         archive.check_codec(rec.codec, codec, dest)
-    joiner = Joiner(codec, entry.codec_samples)
+    joiner = Joiner(codec, entry.codec_samples, channels=entry.channels)
     res = audio.Resampler(codec.sample_rate, entry.sample_rate, entry.channels)
     written = 0
     partial = out_url + ".partial"  # renamed into place only when complete
@@ -70,8 +70,8 @@ def restore_entry(dest: str, rec: ArchiveRecord, entry: ManifestEntry, out_url: 
                 w.write(np.clip(block, -1.0, 1.0).T)
                 written += block.shape[1]
 
-        for _, codes in archive.read_file_codes(dest, entry, rec.codec):
-            for block in joiner.feed(codes):
+        for _, codes, gains in archive.read_file_windows(dest, entry, rec.codec):
+            for block in joiner.feed(codes, gains):
                 emit(res.process(block))
         for block in joiner.finish():
             emit(res.process(block))
@@ -144,17 +144,21 @@ def inspect(dest: str) -> dict:
 
 
 def codecs_table() -> list[dict]:
+    """One row per registered codec (``audioarc codecs``). Codecs that ship no weights are described
+    from their architecture and marked ``needs_weights`` (pass ``--codec-weights PATH``)."""
     out = []
     for name in registry.names():
         s = registry.spec(name)
-        row = {"name": name, "description": s.description}
+        row = {"name": name, "description": s.description, "needs_weights": s.needs_weights}
         try:
-            c = registry.load(name)
-            row.update(sample_rate=c.sample_rate, frame_rate=c.frame_rate, codebook_size=c.codebook_size,
-                       n_q=c.n_q, checkpoint_hash=c.checkpoint_hash(),
+            c = s.factory() if s.needs_weights else registry.load(name)
+            row.update(sample_rate=c.sample_rate, channels=c.channels, frame_rate=c.frame_rate,
+                       codebook_size=c.codebook_size, n_q=c.n_q,
+                       checkpoint_hash=None if s.needs_weights else c.checkpoint_hash(),
                        bitrates_kbps=sorted(c.ladder()), default=name == registry.DEFAULT_CODEC)
-        except Exception as e:  # noqa: BLE001 - a codec without weights is listed as unavailable
+            if s.needs_weights:
+                row["weights"] = s.weights_hint
+        except Exception as e:  # noqa: BLE001 - a codec that cannot be built is listed as unavailable
             row["unavailable"] = str(e)
         out.append(row)
     return out
-

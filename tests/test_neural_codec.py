@@ -186,11 +186,13 @@ def test_train_job_ray_train_two_steps(tmp_path):
     import ray
     from jobs import train_codec
     d = _audio_dir(tmp_path)
+    shared = ray.is_initialized()  # the session's Ray node (ray_cluster fixture) is left running for later tests
     try:
         train_codec.main(["--data", str(d), "--cache", str(tmp_path / "c.npz"), "--run-dir", str(tmp_path / "run"),
                           "--out", str(tmp_path / "w.pt"), "--steps", "2", *TINY_ARGS])
     finally:
-        ray.shutdown()
+        if not shared:
+            ray.shutdown()
     ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
     assert ck["step"] == 2 and ck["config"]["use_ray"]
     assert (tmp_path / "w.pt").exists()

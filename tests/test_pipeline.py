@@ -225,3 +225,33 @@ def test_codecs_lists_ladder(cli_noray):
     rows = cli_noray.json("codecs")
     mdct = next(r for r in rows if r["name"] == "mdct_rvq")
     assert 6.0 in mdct["bitrates_kbps"] and mdct["frame_rate"] == 75.0
+
+
+def _downgrade_to_1_0(dest: Path) -> None:
+    """Rewrite an archive as audioarc 1.0 wrote it: no ``gains`` column, format version 1.0 everywhere."""
+    import pyarrow.parquet as pq
+    for path in list((dest / "shards").rglob("*.parquet")) + list((dest / "manifest").rglob("*.parquet")):
+        t = pq.read_table(path)
+        if "gains" in t.column_names:
+            t = t.drop_columns(["gains"])
+        md = dict(t.schema.metadata)
+        md[b"audioarc.format_version"] = b"1.0"
+        pq.write_table(t.replace_schema_metadata(md), path)
+    rec = json.loads((dest / "archive.json").read_text())
+    rec["format_version"] = "1.0"
+    (dest / "archive.json").write_text(json.dumps(rec))
+
+
+def test_format_1_0_archive_still_restores_and_grows(tmp_path, cli):
+    src, dest = tmp_path / "src", tmp_path / "arc"
+    af.write(src / "x.wav", 1.2, 16000, 2, kind="chirp")
+    cli.json("encode", src, dest, "--quality-sample", "0")
+    before = sf.read(cli.json("restore", dest, tmp_path / "a", "--format", "wav")[0]["path"])[0]
+    _downgrade_to_1_0(dest)
+    assert cli.json("inspect", dest)["format_version"] == "1.0"
+    after = sf.read(cli.json("restore", dest, tmp_path / "b", "--format", "wav")[0]["path"])[0]
+    np.testing.assert_array_equal(after, before)
+    af.write(src / "y.wav", 0.5, 16000)  # a 1.1 job adds to it: old and new shards restore together
+    assert cli.json("encode", src, dest, "--quality-sample", "0")["files_archived"] == 2
+    assert cli.json("inspect", dest)["format_version"] == archive.FORMAT_VERSION
+    assert len(cli.json("restore", dest, tmp_path / "c")) == 2

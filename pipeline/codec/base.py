@@ -1,18 +1,29 @@
-"""The codec contract: a pure torch.nn.Module that turns mono audio into RVQ code indices and back.
+"""The codec contract: a pure torch.nn.Module that turns audio into RVQ code indices and back.
 
-Every codec in audioarc is mono at its own ``sample_rate``; multichannel inputs are coded per channel
-by the pipeline. A codec is *frame-exact*: it produces exactly one code vector per ``hop_length``
-samples, and it declares the context it needs around a span of frames, so the pipeline can cut any
-length of audio into windows, encode them independently and join the decoded windows sample-exactly
-(no seams, no overlap bits spent):
+A codec works at its own ``sample_rate`` on ``channels`` audio channels per code stream: a mono codec
+(``channels = 1``, the usual case) codes each channel of a file as its own stream; a joint-stereo codec
+(``channels = 2``) codes a stereo file as one stream, a mono file duplicated to stereo (restored as
+their average), and refuses files with more channels. A codec is *frame-exact*: it produces exactly
+one code vector per ``hop_length`` samples, and it declares the context it needs around a span of
+frames, so the pipeline can cut any length of audio into windows, encode them independently and join
+the decoded windows sample-exactly (no seams, no overlap bits spent; a codec with recurrent state, like
+EnCodec's LSTMs, declares the context after which windowed coding agrees with whole-signal coding to
+a measured, negligible difference):
 
 * encode: to get codes for frames ``[a, b)`` the codec needs samples
   ``[a*hop - encode_context[0], b*hop + encode_context[1])`` (zeros outside the signal).
 * decode: to get samples ``[a*hop, b*hop)`` the codec needs codes of frames
-  ``[a - decode_context[0], b + decode_context[1])`` (code 0 stands in outside the signal,
-  and its contribution is outside the returned span).
+  ``[a - decode_context[0], b + decode_context[1])`` (``pad_codes`` stand in before the signal,
+  code 0 after it, and their contribution is outside the returned span).
 * a signal of ``T`` samples has ``n_frames(T) = ceil(T / hop) + decode_context[1]`` frames,
   the last ones covering the tail.
+
+Two optional extensions, for codecs that code fixed segments (EnCodec 48 kHz):
+
+* ``segment_frames``: windows start at multiples of this many frames (``Windower`` checks it).
+* ``side_gains``: the codec normalises each segment and returns its gain beside the codes
+  (``encode_with_gains`` -> ``gains [B, n_segments] float32``, ``decode_with_gains`` takes them back).
+  The archive stores them (float16) in the ``gains`` column of the window's row.
 """
 from __future__ import annotations
 
@@ -28,12 +39,15 @@ from ..manifest import CodecRecord
 class Codec(nn.Module):
     """Base class of every codec. Subclasses set the class attributes and implement the four methods.
 
-    Tensors: ``wav: [B, 1, T] float32`` in [-1, 1] at ``sample_rate``; ``codes: [B, K, F] int64`` in
-    ``[0, codebook_size)`` with ``K <= n_q``.
+    Tensors: ``wav: [B, channels, T] float32`` in [-1, 1] at ``sample_rate`` (``channels`` is 1 for a
+    mono codec); ``codes: [B, K, F] int64`` in ``[0, codebook_size)`` with ``K <= n_q``.
     """
 
     name: str = "base"
     version: str = "0"
+    #: audio channels of one code stream: 1 = a mono codec (the pipeline codes each channel of a file
+    #: as its own stream); 2 = a joint-stereo codec (one stream per file; see the module docstring)
+    channels: int = 1
     sample_rate: int = 24000
     hop_length: int = 320
     codebook_size: int = 1024
@@ -42,15 +56,40 @@ class Codec(nn.Module):
     ladder_n_q: tuple[int, ...] = (8,)
     encode_context: tuple[int, int] = (0, 0)  # samples (left, right)
     decode_context: tuple[int, int] = (0, 0)  # frames (left, right)
+    #: windows must start at multiples of this many frames (codecs that code fixed segments)
+    segment_frames: int = 1
+    #: the codec returns one gain per segment per stream beside the codes (``encode_with_gains``)
+    side_gains: bool = False
+    #: True when the codec has no shipped weights: the user must pass its checkpoint (--codec-weights)
+    needs_weights: bool = False
 
     # -- the contract -------------------------------------------------------------------------
     def encode(self, wav: torch.Tensor, n_q: int) -> torch.Tensor:
-        """``wav: [B, 1, (b-a)*hop + ctx_l + ctx_r]`` -> ``codes: [B, n_q, b-a] int64``."""
+        """``wav: [B, channels, (b-a)*hop + ctx_l + ctx_r]`` -> ``codes: [B, n_q, b-a] int64``."""
         raise NotImplementedError
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """``codes: [B, K, (b-a) + dctx_l + dctx_r] int64`` -> ``wav: [B, 1, (b-a)*hop] float32``."""
+        """``codes: [B, K, (b-a) + dctx_l + dctx_r] int64`` -> ``wav: [B, channels, (b-a)*hop] float32``."""
         raise NotImplementedError
+
+    def encode_with_gains(self, wav: torch.Tensor, n_q: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``encode``, plus ``gains [B, ceil(F / segment_frames)] float32`` for ``side_gains`` codecs
+        (else None). ``wav: [B, channels, ...]``."""
+        return self.encode(wav, n_q), None
+
+    def decode_with_gains(self, codes: torch.Tensor, gains: torch.Tensor | None) -> torch.Tensor:
+        """``decode`` with the gains ``encode_with_gains`` returned (one per segment of ``codes``, the
+        left context included; gain 0 marks a padding segment before the signal)."""
+        return self.decode(codes)
+
+    def pad_codes(self, n_q: int) -> torch.Tensor:
+        """``[n_q] int64``: the code that stands in for frames before the signal (the decoder's left
+        context at the start of a file). Code 0 unless the codec knows better (e.g. its silence code)."""
+        return torch.zeros(n_q, dtype=torch.int64)
+
+    def load_weights(self, state: dict, where: str = "checkpoint") -> None:
+        """Load a checkpoint: a state dict, or ``{"model": state_dict, ...}``."""
+        self.load_state_dict(state["model"] if "model" in state else state)
 
     # -- derived ------------------------------------------------------------------------------
     @property

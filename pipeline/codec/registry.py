@@ -1,4 +1,9 @@
-"""Codec registry: names -> loaded codecs, with the shipped weights."""
+"""Codec registry: names -> loaded codecs, with the shipped weights or the user's checkpoint.
+
+A codec is registered with a ``CodecSpec``: a factory building the architecture, and either shipped
+weights (``default_weights``) or ``needs_weights=True``: the user must pass the checkpoint
+(``--codec-weights PATH``), e.g. for pretrained codecs whose licence does not allow shipping them.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,6 +24,8 @@ class CodecSpec:
     description: str
     factory: Callable[[], Codec]
     default_weights: Path | None
+    needs_weights: bool = False  # no shipped weights: --codec-weights PATH is required
+    weights_hint: str = ""  # where the user gets the checkpoint (shown when it is missing)
 
 
 def _mdct_rvq() -> Codec:
@@ -44,6 +51,27 @@ register(CodecSpec("mdct_rvq", "MDCT frames + residual k-means codebooks learned
 register(CodecSpec("neural_rvq", "MDCT-domain conv autoencoder + 32-stage RVQ, trained (1.5-24 kbps)",
                    _neural_rvq, WEIGHTS_DIR / "neural_rvq.pt"))
 
+def _encodec_24khz() -> Codec:
+    from .encodec_adapter import Encodec24kCodec
+    return Encodec24kCodec()
+
+
+ENCODEC_HINT = ("the official EnCodec checkpoint {file} from github.com/facebookresearch/encodec (CC-BY-NC 4.0; "
+                "see pipeline/codec/weights/encodec.md)")
+
+register(CodecSpec("encodec_24khz", "EnCodec 24 kHz (Meta, pretrained; mono, causal, 1.5-24 kbps)",
+                   _encodec_24khz, None, needs_weights=True,
+                   weights_hint=ENCODEC_HINT.format(file="encodec_24khz-d7cc33bc.th")))
+
+def _encodec_48khz() -> Codec:
+    from .encodec_adapter import Encodec48kCodec
+    return Encodec48kCodec()
+
+
+register(CodecSpec("encodec_48khz", "EnCodec 48 kHz (Meta, pretrained; joint stereo, 1 s segments + gains, "
+                   "3-24 kbps per stereo stream)", _encodec_48khz, None, needs_weights=True,
+                   weights_hint=ENCODEC_HINT.format(file="encodec_48khz-7e698e3e.th")))
+
 DEFAULT_CODEC = "neural_rvq"
 
 
@@ -61,15 +89,29 @@ def spec(name: str) -> CodecSpec:
 
 
 def load(name: str, weights: str | Path | None = None, device: str = "cpu") -> Codec:
-    """Instantiate codec ``name`` with ``weights`` (default: the shipped checkpoint), in eval mode."""
+    """Instantiate codec ``name`` with ``weights`` (default: the shipped checkpoint), in eval mode.
+
+    Raises CodecUnavailableError naming the fix when the codec cannot be built (a package is missing)
+    or its weights are missing (not shipped and not given, or not found at the path given)."""
     s = spec(name)
     codec = s.factory()
+    if s.needs_weights and not weights:
+        raise CodecUnavailableError(
+            f"codec {name!r} ships no weights: pass --codec-weights PATH with its checkpoint "
+            f"({s.weights_hint or 'see `audioarc codecs`'})")
     path = Path(weights) if weights else s.default_weights
     if path is not None:
         if not path.exists():
+            fix = f" ({s.weights_hint})" if s.weights_hint else " or train them (jobs/train_*.py)"
             raise CodecUnavailableError(
-                f"weights for codec {name!r} not found at {path}; pass --codec-weights PATH "
-                f"or train them (jobs/train_*.py)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        codec.load_state_dict(state["model"] if "model" in state else state)
+                f"weights for codec {name!r} not found at {path}; pass --codec-weights PATH{fix}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - not a checkpoint (or not a torch one)
+            raise CodecUnavailableError(f"{path}: not a readable checkpoint for codec {name!r} "
+                                        f"({type(e).__name__}: {str(e)[:200]})") from None
+        if not isinstance(state, dict):
+            raise CodecUnavailableError(f"{path}: not a state dict (a {type(state).__name__}); "
+                                        f"pass the checkpoint of codec {name!r}")
+        codec.load_weights(state, str(path))
     return codec.eval().to(device)

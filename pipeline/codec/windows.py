@@ -23,11 +23,14 @@ class CodecGeometry:
     hop_length: int
     encode_context: tuple[int, int]
     decode_context: tuple[int, int]
+    channels: int = 1  # audio channels per code stream (2: joint stereo)
+    segment_frames: int = 1  # windows start at multiples of this many frames
+    name: str = ""
 
     @staticmethod
     def of(codec: Codec) -> "CodecGeometry":
         return CodecGeometry(codec.sample_rate, codec.hop_length, tuple(codec.encode_context),
-                             tuple(codec.decode_context))
+                             tuple(codec.decode_context), codec.channels, codec.segment_frames, codec.name)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,10 @@ class Windower:
     def __init__(self, codec: "Codec | CodecGeometry", window_frames: int, channels: int):
         if window_frames < 1:
             raise ValueError("window_frames must be >= 1")
+        seg = getattr(codec, "segment_frames", 1)
+        if window_frames % seg:
+            raise ValueError(f"window_frames ({window_frames}) must be a multiple of the codec's segment "
+                             f"({seg} frames)")
         self.hop = codec.hop_length
         self.ctx_l, self.ctx_r = codec.encode_context
         self.dctx_r = codec.decode_context[1]
@@ -101,74 +108,138 @@ class Windower:
 class Joiner:
     """Decode windows of codes in order and yield ``[C, n]`` sample blocks, exactly ``n_samples`` long.
 
-    ``feed(codes: [C, K, frames])`` with consecutive windows; ``finish()`` flushes the last one.
+    ``feed(codes: [S, K, frames], gains: [S, segments] | None)`` with consecutive windows (``S`` code
+    streams; gains only for ``side_gains`` codecs); ``finish()`` flushes the last one. ``channels``: the
+    file's channel count, when a joint-stereo codec's output must be mixed down (a mono file coded as
+    stereo); default: whatever the codec gives, ``S * codec.channels``.
     """
 
-    def __init__(self, codec: Codec, n_samples: int, device: str = "cpu"):
+    def __init__(self, codec: Codec, n_samples: int, device: str = "cpu", channels: int | None = None):
         self.codec = codec
         self.hop = codec.hop_length
         self.dctx_l, self.dctx_r = codec.decode_context
+        self.seg = codec.segment_frames
         self.n_samples = n_samples
         self.device = device
-        self.pending: np.ndarray | None = None  # codes not yet decoded [C, K, f]
+        self.channels = channels
+        self.pending: np.ndarray | None = None  # codes not yet decoded [S, K, f]
+        self.pending_g: np.ndarray | None = None  # their gains, one per frame [S, f] (side_gains codecs)
         self.history: np.ndarray | None = None  # last dctx_l frames already decoded
+        self.history_g: np.ndarray | None = None
         self.emitted = 0
+        self.fed = 0
 
-    def _decode(self, codes: np.ndarray, n_out_frames: int) -> np.ndarray:
-        c, k, _ = codes.shape
+    def _decode(self, codes: np.ndarray, gains: np.ndarray | None, n_out_frames: int) -> np.ndarray:
         with torch.inference_mode():
-            wav = self.codec.decode(torch.from_numpy(codes.astype(np.int64)).to(self.device))
-        out = wav[:, 0, : n_out_frames * self.hop].float().cpu().numpy()
+            c = torch.from_numpy(codes.astype(np.int64)).to(self.device)
+            if self.codec.side_gains:
+                g = torch.from_numpy(np.ascontiguousarray(gains[:, ::self.seg], np.float32)).to(self.device)
+                wav = self.codec.decode_with_gains(c, g)
+            else:
+                wav = self.codec.decode(c)
+        out = wav[..., : n_out_frames * self.hop].float().cpu().numpy()
+        out = out.reshape(-1, out.shape[-1])  # [S * codec.channels, n]
+        if self.channels is not None and out.shape[0] != self.channels:
+            if self.channels != 1:
+                raise ValueError(f"codec gives {out.shape[0]} channels, the file has {self.channels}")
+            out = out.mean(axis=0, keepdims=True)  # a mono file coded by a stereo codec
         remaining = self.n_samples - self.emitted
         out = out[:, :remaining]
         self.emitted += out.shape[1]
         return out
 
-    def _left(self, c: int, k: int) -> np.ndarray:
+    def _left(self, c: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.dctx_l == 0:
-            return np.zeros((c, k, 0), np.int64)
-        if self.history is None:
-            return np.zeros((c, k, self.dctx_l), np.int64)
-        return self.history
+            return np.zeros((c, k, 0), np.int64), np.zeros((c, 0), np.float32)
+        if self.history is None:  # before the first frame: the codec's padding code, gain 0 (absent)
+            pad = self.codec.pad_codes(k).cpu().numpy().astype(np.int64)
+            return (np.broadcast_to(pad[None, :, None], (c, k, self.dctx_l)).copy(),
+                    np.zeros((c, self.dctx_l), np.float32))
+        return self.history, self.history_g
 
-    def feed(self, codes: np.ndarray) -> Iterator[np.ndarray]:
+    def _frame_gains(self, codes: np.ndarray, gains: np.ndarray | None) -> np.ndarray:
+        s, _, f = codes.shape
+        if not self.codec.side_gains:
+            return np.ones((s, f), np.float32)
+        if gains is None:
+            raise ValueError(f"codec {self.codec.name!r} needs the gains stored beside its codes")
+        g = np.repeat(np.asarray(gains, np.float32).reshape(s, -1), self.seg, axis=1)[:, :f]
+        if g.shape[1] != f:
+            raise ValueError(f"{gains.shape[-1]} gains for {f} frames of {self.seg}-frame segments")
+        return g
+
+    def feed(self, codes: np.ndarray, gains: np.ndarray | None = None) -> Iterator[np.ndarray]:
         codes = np.asarray(codes)
-        self.pending = codes if self.pending is None else np.concatenate([self.pending, codes], axis=2)
+        if self.fed % self.seg:
+            raise ValueError(f"windows before this one hold {self.fed} frames, not a multiple of the codec's "
+                             f"segment ({self.seg} frames)")
+        self.fed += codes.shape[2]
+        g = self._frame_gains(codes, gains)
+        if self.pending is None:
+            self.pending, self.pending_g = codes, g
+        else:
+            self.pending = np.concatenate([self.pending, codes], axis=2)
+            self.pending_g = np.concatenate([self.pending_g, g], axis=1)
         c, k, f = self.pending.shape
         n_out = f - self.dctx_r  # frames whose right context is available
         if n_out <= 0:
             return
-        block = np.concatenate([self._left(c, k), self.pending], axis=2)
-        yield self._decode(block, n_out)
+        left, left_g = self._left(c, k)
+        block = np.concatenate([left, self.pending], axis=2)
+        block_g = np.concatenate([left_g, self.pending_g], axis=1)
+        yield self._decode(block, block_g, n_out)
         if self.dctx_l:
-            self.history = block[:, :, self.dctx_l + n_out - self.dctx_l: self.dctx_l + n_out]
+            self.history = block[:, :, n_out: self.dctx_l + n_out]
+            self.history_g = block_g[:, n_out: self.dctx_l + n_out]
         self.pending = self.pending[:, :, n_out:]
+        self.pending_g = self.pending_g[:, n_out:]
 
     def finish(self) -> Iterator[np.ndarray]:
         if self.pending is not None and self.pending.shape[2] > 0 and self.emitted < self.n_samples:
             c, k, f = self.pending.shape
-            pad = np.zeros((c, k, self.dctx_r), np.int64)
-            block = np.concatenate([self._left(c, k), self.pending, pad], axis=2)
-            yield self._decode(block, f)
+            left, left_g = self._left(c, k)
+            block = np.concatenate([left, self.pending, np.zeros((c, k, self.dctx_r), np.int64)], axis=2)
+            block_g = np.concatenate([left_g, self.pending_g, np.ones((c, self.dctx_r), np.float32)], axis=1)
+            yield self._decode(block, block_g, f)
         if self.emitted != self.n_samples:
             raise ValueError(f"codes decode to {self.emitted} samples, expected {self.n_samples}")
 
 
-def encode_array(codec: Codec, x: np.ndarray, n_q: int, window_frames: int = 1500) -> np.ndarray:
-    """Whole-signal helper: ``x: [C, T]`` at the codec rate -> ``codes: [C, n_q, n_frames(T)] int64``."""
+def encode_array(codec: Codec, x: np.ndarray, n_q: int, window_frames: int = 1500, with_gains: bool = False):
+    """Whole-signal helper: ``x: [C, T]`` at the codec rate -> ``codes: [S, n_q, n_frames(T)] int64``
+    (``S = C / codec.channels`` streams); with ``with_gains``: ``(codes, gains [S, segments] or None)``."""
+    cc = codec.channels
+    if x.shape[0] % cc:
+        raise ValueError(f"codec {codec.name!r} codes {cc}-channel streams; got {x.shape[0]} channels")
     win = Windower(codec, window_frames, x.shape[0])
-    parts = []
+    parts, gparts = [], []
     for w in list(win.push(x)) + list(win.finish()):
         with torch.inference_mode():
-            parts.append(codec.encode(torch.from_numpy(w.samples)[:, None, :], n_q).numpy())
-    return np.concatenate(parts, axis=2)
+            wav = torch.from_numpy(w.samples).reshape(-1, cc, w.samples.shape[1])
+            codes, gains = codec.encode_with_gains(wav, n_q)
+        parts.append(codes.numpy())
+        if gains is not None:
+            gparts.append(gains.float().numpy())
+    codes = np.concatenate(parts, axis=2)
+    if with_gains:
+        return codes, (np.concatenate(gparts, axis=1) if gparts else None)
+    if gparts:
+        raise ValueError(f"codec {codec.name!r} returns gains beside its codes: call with with_gains=True")
+    return codes
 
 
-def decode_array(codec: Codec, codes: np.ndarray, n_samples: int, window_frames: int = 1500) -> np.ndarray:
-    """Whole-signal helper: ``codes: [C, K, F]`` -> ``[C, n_samples] float32``."""
-    j = Joiner(codec, n_samples)
+def decode_array(codec: Codec, codes: np.ndarray, n_samples: int, window_frames: int = 1500,
+                 gains: np.ndarray | None = None, channels: int | None = None) -> np.ndarray:
+    """Whole-signal helper: ``codes: [S, K, F]`` (and ``gains`` of a ``side_gains`` codec) ->
+    ``[S * codec.channels, n_samples] float32`` (``channels``: mix down to the file's channel count)."""
+    seg = codec.segment_frames
+    if window_frames % seg:
+        raise ValueError(f"window_frames ({window_frames}) must be a multiple of {seg}")
+    j = Joiner(codec, n_samples, channels=channels)
     out = []
     for a in range(0, codes.shape[2], window_frames):
-        out.extend(j.feed(codes[:, :, a:a + window_frames]))
+        g = None if gains is None else gains[:, a // seg: (a + window_frames) // seg]
+        out.extend(j.feed(codes[:, :, a:a + window_frames], g))
     out.extend(j.finish())
-    return np.concatenate(out, axis=1) if out else np.zeros((codes.shape[0], 0), np.float32)
+    n_ch = channels or codes.shape[0] * codec.channels
+    return np.concatenate(out, axis=1) if out else np.zeros((n_ch, 0), np.float32)
