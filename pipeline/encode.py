@@ -17,7 +17,7 @@ from . import archive, audio, metrics, placement, storage
 from . import quality as quality_mod
 from .codec import registry
 from .codec.windows import CodecGeometry, Windower
-from .errors import AudioarcError, CodecMismatchError, ConfigError, InputError, StorageError
+from .errors import ArchiveFormatError, CodecMismatchError, ConfigError, InputError, StorageError
 from .manifest import ARCHIVED, FAILED, ArchiveRecord, CodecRecord, Location, ManifestEntry
 from .quality import QualityConfig, StreamingSampler
 
@@ -524,8 +524,25 @@ def run_encode(cfg: EncodeConfig, on_progress: Callable[[int, int, float], None]
             dm.close()
 
 
+def _with_archive_weights(cfg: EncodeConfig) -> EncodeConfig:
+    """Adding to an archive made with an earlier shipped checkpoint of the same codec: use that checkpoint."""
+    if cfg.codec_weights:
+        return cfg
+    try:
+        existing = archive.read_record(cfg.dest)
+    except (StorageError, ArchiveFormatError):
+        return cfg  # prepare_archive reports it
+    if existing is None or existing.codec.name != cfg.codec:
+        return cfg
+    path = registry.shipped_weights_for(existing.codec)
+    if path is None or path == registry.spec(cfg.codec).default_weights:
+        return cfg
+    return replace(cfg, codec_weights=str(path))
+
+
 def _run_encode(cfg: EncodeConfig, on_progress, job_id: str, dm: "metrics.DriverMetrics | None") -> EncodeSummary:
     t0 = time.time()
+    cfg = _with_archive_weights(cfg)
     codec = registry.load(cfg.codec, cfg.codec_weights)
     existing, crec, n_q = prepare_archive(cfg, codec)
     geom = CodecGeometry.of(codec)

@@ -239,7 +239,7 @@ def _measure(dest: str, rec: ArchiveRecord, entry: ManifestEntry, cfg: QualityCo
 
     from .codec import metrics as M
     if codec is None:
-        codec = registry.load(rec.codec.name, weights)
+        codec = registry.load_for(rec.codec, weights)
         archive.check_codec(rec.codec, codec, dest)
     sr, cr = entry.sample_rate, codec.sample_rate
     n = entry.frames if cfg.excerpt_seconds <= 0 else min(entry.frames, int(cfg.excerpt_seconds * sr))
@@ -387,7 +387,7 @@ def run_quality(dest: str, cfg: QualityConfig, sample: int | None = None, patter
         chosen = sample_manifest(list(entries.values()), sample if sample is not None else 20, cfg.seed)
     if not chosen:
         raise ConfigError(f"{dest}: no archived files to sample")
-    codec = registry.load(rec.codec.name, weights)
+    codec = registry.load_for(rec.codec, weights)
     archive.check_codec(rec.codec, codec, dest)
     init_ray(address)
     import ray

@@ -56,7 +56,7 @@ def restore_entry(dest: str, rec: ArchiveRecord, entry: ManifestEntry, out_url: 
                   weights: str | None = None, codec=None) -> str:
     """Decode one file back to its original rate, channels and exact frame count; returns the path."""
     if codec is None:
-        codec = registry.load(rec.codec.name, weights)
+        codec = registry.load_for(rec.codec, weights)
         archive.check_codec(rec.codec, codec, dest)
     joiner = Joiner(codec, entry.codec_samples, channels=entry.channels)
     res = audio.Resampler(codec.sample_rate, entry.sample_rate, entry.channels)
@@ -83,7 +83,7 @@ def restore_entry(dest: str, rec: ArchiveRecord, entry: ManifestEntry, out_url: 
 
 
 def _restore_many(dest, rec, entries, out, fmt, weights) -> list[dict]:
-    codec = registry.load(rec.codec.name, weights)
+    codec = registry.load_for(rec.codec, weights)
     archive.check_codec(rec.codec, codec, dest)
     return [{"source": e.source, "path": restore_entry(dest, rec, e, output_path(out, e, fmt), fmt, codec=codec)}
             for e in entries]
@@ -97,7 +97,7 @@ def run_restore(cfg: RestoreConfig) -> list[dict]:
     if not chosen:
         what = f"matching {' '.join(cfg.patterns)}" if cfg.patterns else "archived"
         raise ArchiveFormatError(f"{cfg.dest}: no files {what}; `audioarc ls {cfg.dest}` lists the archive")
-    codec = registry.load(rec.codec.name, cfg.codec_weights)
+    codec = registry.load_for(rec.codec, cfg.codec_weights)
     archive.check_codec(rec.codec, codec, cfg.dest)  # fail fast, before any worker starts
     if len(chosen) <= cfg.parallel_threshold:
         return _restore_many(cfg.dest, rec, chosen, cfg.out, cfg.format, cfg.codec_weights)

@@ -26,6 +26,8 @@ class CodecSpec:
     default_weights: Path | None
     needs_weights: bool = False  # no shipped weights: --codec-weights PATH is required
     weights_hint: str = ""  # where the user gets the checkpoint (shown when it is missing)
+    #: checkpoints shipped by earlier releases, so their archives still restore without --codec-weights
+    previous_weights: tuple[Path, ...] = ()
 
 
 def _mdct_rvq() -> Codec:
@@ -49,7 +51,9 @@ register(CodecSpec("mdct_rvq", "MDCT frames + residual k-means codebooks learned
                    _mdct_rvq, WEIGHTS_DIR / "mdct_rvq.pt"))
 
 register(CodecSpec("neural_rvq", "MDCT-domain conv autoencoder + 32-stage RVQ, trained (1.5-24 kbps)",
-                   _neural_rvq, WEIGHTS_DIR / "neural_rvq.pt"))
+                   _neural_rvq, WEIGHTS_DIR / "neural_rvq.pt",
+                   previous_weights=(WEIGHTS_DIR / "neural_rvq-12874cf9.pt",)))
+
 
 def _encodec_24khz() -> Codec:
     from .encodec_adapter import Encodec24kCodec
@@ -115,3 +119,28 @@ def load(name: str, weights: str | Path | None = None, device: str = "cpu") -> C
                                         f"pass the checkpoint of codec {name!r}")
         codec.load_weights(state, str(path))
     return codec.eval().to(device)
+
+
+_SHIPPED_HASHES: dict[Path, str] = {}
+
+
+def shipped_weights_for(record) -> Path | None:
+    """The shipped checkpoint (current or from an earlier release) whose hash is ``record.checkpoint_hash``.
+
+    ``record`` is an archive's ``CodecRecord``; None when no shipped file matches (the caller's codec check
+    then names the fix: ``--codec-weights PATH``)."""
+    s = spec(record.name)
+    for path in (s.default_weights, *s.previous_weights):
+        if path is None or not path.exists():
+            continue
+        if path not in _SHIPPED_HASHES:
+            _SHIPPED_HASHES[path] = load(record.name, path).checkpoint_hash()
+        if _SHIPPED_HASHES[path] == record.checkpoint_hash:
+            return path
+    return None
+
+
+def load_for(record, weights: str | Path | None = None, device: str = "cpu") -> Codec:
+    """The codec that decodes an archive made with ``record``: ``weights`` if given, else the matching
+    shipped checkpoint, else the default one (which the caller's ``archive.check_codec`` then refuses)."""
+    return load(record.name, weights or shipped_weights_for(record), device)
