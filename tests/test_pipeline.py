@@ -196,6 +196,24 @@ def test_restore_refuses_an_archive_of_another_codec_checkpoint(tmp_path, cli):
     assert code == EXIT_ERROR
 
 
+def test_archive_of_an_earlier_shipped_checkpoint_restores_and_grows_without_weights(tmp_path, cli):
+    from pipeline.codec import registry
+    spec = registry.spec("neural_rvq")
+    old = spec.previous_weights[0]
+    old_hash = registry.load("neural_rvq", old).checkpoint_hash()
+    assert old_hash != registry.load("neural_rvq").checkpoint_hash()  # a real upgrade, not the same file
+    src, dest = tmp_path / "src", tmp_path / "arc"
+    af.write(src / "a.wav", 0.5, 16000)
+    cli.json("encode", src, dest, "--codec-weights", old)  # made by the earlier release
+    assert json.loads((dest / "archive.json").read_text())["codec"]["checkpoint_hash"] == old_hash
+    out = cli.json("restore", dest, tmp_path / "o", "--format", "wav")  # no --codec-weights: found by hash
+    assert len(out) == 1 and sf.info(out[0]["path"]).frames == 8000
+    af.write(src / "b.wav", 0.5, 16000)
+    s = cli.json("encode", src, dest)  # adding to it keeps using the checkpoint that made it
+    assert s["files_archived"] == 2
+    assert json.loads((dest / "archive.json").read_text())["codec"]["checkpoint_hash"] == old_hash
+
+
 def test_bitrate_must_match_the_archive_and_the_ladder(tmp_path, cli):
     src, dest = tmp_path / "src", tmp_path / "arc"
     af.write(src / "x.wav", 0.5, 16000)
