@@ -68,9 +68,10 @@ def build_cache(data: Path | None, cache: Path, rate: int = 24000, max_seconds_p
 
 
 class SegmentSampler:
-    """Random ``seg`` -sample crops, half music / half other, random gain, near-silent crops rejected."""
+    """Random ``seg`` -sample crops, music / other (speech, ambient) mixed by ``other_fraction``, random gain,
+    near-silent crops rejected."""
 
-    def __init__(self, cache: Path, seg: int, seed: int = 0):
+    def __init__(self, cache: Path, seg: int, seed: int = 0, other_fraction: float = 0.5):
         d = np.load(cache)
         self.audio = d["audio"]
         self.lengths = d["lengths"]
@@ -82,11 +83,13 @@ class SegmentSampler:
         if not self.groups:
             raise ValueError(f"no training file in {cache} is longer than {seg} samples")
         self.seg = seg
+        # probability of drawing from each group (music, other); one group: always it
+        self.p_group = [1.0 - other_fraction, other_fraction] if len(self.groups) == 2 else [1.0]
         self.rng = np.random.default_rng(seed)
 
     def one(self) -> np.ndarray:
         for _ in range(20):
-            g = self.groups[self.rng.integers(len(self.groups))]
+            g = self.groups[self.rng.choice(len(self.groups), p=self.p_group)]
             w = self.lengths[g].astype(np.float64)
             i = g[self.rng.choice(len(g), p=w / w.sum())]
             s = self.offsets[i] + self.rng.integers(0, self.lengths[i] - self.seg)
@@ -132,7 +135,8 @@ def train_loop(config: dict) -> None:
                            codebook_size=config["codebook_size"]).to(device)
     hop = codec.hop_length
     seg = (config["seg_frames"] + 1) * hop
-    sampler = SegmentSampler(Path(config["cache"]), seg, seed=config["seed"])
+    sampler = SegmentSampler(Path(config["cache"]), seg, seed=config["seed"],
+                             other_fraction=config.get("other_fraction", 0.5))
     vq = EmaRvqTrainer(codec, decay=config["ema_decay"], seed=config["seed"])
     opt = torch.optim.AdamW([p for p in codec.parameters()], lr=config["lr"], betas=(0.8, 0.99),
                             weight_decay=1e-5)
@@ -147,12 +151,21 @@ def train_loop(config: dict) -> None:
         best = best if config.get("reset_best") else ck.get("best", best)
         sampler.rng = np.random.default_rng(config["seed"] + step)
         log(f"resumed from {ckpt_path} at step {step} ({elapsed / 60:.1f} min)")
+    elif config.get("init_from"):
+        # fine-tune from released weights (no optimizer or EMA state in them): the codebooks are trained,
+        # so the quantizer starts initialised, its EMA statistics seeded as if each code were used evenly
+        state = torch.load(config["init_from"], map_location=device, weights_only=True)
+        codec.load_weights(state, str(config["init_from"]))
+        vq.seed_from_codebooks(config["batch"] * (config["seg_frames"] + 1))
+        log(f"initialised from {config['init_from']} (trained to step {state.get('step', '?')})")
     else:
         # per-bin normalisation of the companded MDCT from data
         with torch.no_grad():
             y = codec.features(sampler.batch(64).to(device)[:, None, :])
             std = y.permute(1, 0, 2).reshape(hop, -1).std(1).clamp_min(1e-4)
             codec.feat_scale.copy_(1.0 / std)
+    # --restart-schedule: a fine-tune phase with its own warm-restart cosine over --steps / --max-minutes
+    step0, phase_start = (step, time.time()) if config.get("restart_schedule") else (0, None)
     n_params = codec.n_params()
     log(f"neural_rvq: {n_params / 1e6:.2f}M params, encode_context {codec.encode_context}, "
         f"decode_context {codec.decode_context}, device {device}, threads {torch.get_num_threads()}")
@@ -176,8 +189,12 @@ def train_loop(config: dict) -> None:
 
     max_s = config["max_minutes"] * 60
     logs_acc: dict[str, list[float]] = {}
-    while step < config["steps"] and time.time() - t_start < max_s:
-        progress = max(step / config["steps"], (time.time() - t_start) / max_s)
+
+    def phase_elapsed():
+        return time.time() - (phase_start if phase_start is not None else t_start)
+
+    while step - step0 < config["steps"] and phase_elapsed() < max_s:
+        progress = max((step - step0) / config["steps"], phase_elapsed() / max_s)
         lr = config["lr"] * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -192,9 +209,10 @@ def train_loop(config: dict) -> None:
                 f"in {time.time() - t0:.0f}s")
         codec.train()
         wav = sampler.batch(config["batch"]).to(device)
-        nq = sample_n_q(len(wav), codec.ladder_n_q, rng)
+        nq = sample_n_q(len(wav), codec.ladder_n_q, rng, p_full=config.get("p_full", 0.3),
+                        rung_weights=config.get("rung_weights"))
         loss, logs = forward_train(codec, vq if vq.initialized else None, wav, nq, w_time=config["w_time"],
-                                   w_mdct=config.get("w_mdct", 1.0))
+                                   w_mdct=config.get("w_mdct", 1.0), w_env=config.get("w_env", 0.0))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(codec.parameters(), 1.0)
@@ -212,7 +230,7 @@ def train_loop(config: dict) -> None:
                 rec["restarts"] = vq.restarts
             log(rec)
             logs_acc = {}
-        if step % config["ckpt_every"] == 0 or step >= config["steps"]:
+        if step % config["ckpt_every"] == 0 or step - step0 >= config["steps"]:
             codec.eval()
             with torch.no_grad():
                 _, vlogs = forward_train(codec, vq if vq.initialized else None, val, val_nq)
@@ -245,7 +263,10 @@ def default_config(args) -> dict:
         "w_time": args.w_time, "w_mdct": args.w_mdct, "log_every": args.log_every, "ckpt_every": args.ckpt_every,
         "val_segments": args.val_segments, "seed": args.seed, "threads": args.threads,
         "run_dir": str(args.run_dir.resolve()), "out": str(args.out.resolve()), "resume": args.resume,
-        "reset_best": args.reset_best,
+        "reset_best": args.reset_best, "restart_schedule": args.restart_schedule,
+        "init_from": str(args.init_from.resolve()) if args.init_from else None,
+        "other_fraction": args.other_fraction, "p_full": args.p_full, "w_env": args.w_env,
+        "rung_weights": tuple(args.rung_weights) if args.rung_weights else None,
         "cache": str(args.cache.resolve()), "use_ray": not args.no_ray, "cpu": args.cpu,
     }
 
@@ -257,8 +278,12 @@ def main(argv=None) -> None:
     ap.add_argument("--run-dir", type=Path, default=Path(".data/runs/neural_rvq"))
     ap.add_argument("--out", type=Path, default=Path("pipeline/codec/weights/neural_rvq.pt"))
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init-from", type=Path, default=None, help="start from these released weights "
+                    "(e.g. the shipped neural_rvq.pt) with a fresh optimizer: a fine-tune")
     ap.add_argument("--reset-best", action="store_true", help="on resume, forget the best validation score "
                     "(after changing loss weights)")
+    ap.add_argument("--restart-schedule", action="store_true", help="on resume, start a new warm-restart "
+                    "cosine lr phase of --steps / --max-minutes from the checkpoint (a fine-tune)")
     ap.add_argument("--no-ray", action="store_true", help="run the loop in-process instead of Ray Train")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
@@ -278,6 +303,14 @@ def main(argv=None) -> None:
     ap.add_argument("--w-time", type=float, default=0.0, help="weight of the time-domain L1 loss")
     ap.add_argument("--w-mdct", type=float, default=1.0, help="weight of the companded-MDCT L1 loss "
                     "(the multi-scale log-mel loss has weight 1)")
+    ap.add_argument("--w-env", type=float, default=0.0, help="weight of the band-envelope correlation "
+                    "(intelligibility) loss")
+    ap.add_argument("--other-fraction", type=float, default=0.5, help="share of training segments drawn "
+                    "from non-music (speech, ambient) files")
+    ap.add_argument("--p-full", type=float, default=0.3, help="quantizer dropout: share of examples "
+                    "trained with the full stack")
+    ap.add_argument("--rung-weights", type=float, nargs="+", default=None, help="quantizer dropout: relative "
+                    "weight of each ladder rung (1.5 3 6 12 24 kbps), default uniform")
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--val-segments", type=int, default=16)

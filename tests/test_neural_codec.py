@@ -1,6 +1,7 @@
 """Tests of the ``neural_rvq`` codec, its training machinery, the training job and the metrics."""
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -178,6 +179,50 @@ def test_train_job_no_ray_and_resume(tmp_path):
     state = torch.load(tmp_path / "w.pt", weights_only=True)["model"]
     c = NeuralRvqCodec(width=16, latent_dim=4, dilations=(1,), n_q=2, codebook_size=16)
     c.load_state_dict(state)
+
+
+def test_train_job_fine_tunes_from_released_weights(tmp_path):
+    """--init-from starts from shipped-style weights (no optimizer or EMA state): the quantizer is live from
+    step 0 (no warm-up, no k-means re-init), and the fine-tune options reach the loop."""
+    from jobs import train_codec
+    d = _audio_dir(tmp_path)
+    common = ["--data", str(d), "--cache", str(tmp_path / "c.npz"), "--no-ray", *TINY_ARGS]
+    train_codec.main([*common, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "w.pt"), "--steps", "3"])
+    released = torch.load(tmp_path / "w.pt", weights_only=True)["model"]
+    train_codec.main([*common, "--run-dir", str(tmp_path / "ft"), "--out", str(tmp_path / "ft.pt"), "--steps", "2",
+                      "--init-from", str(tmp_path / "w.pt"), "--w-env", "1.0", "--other-fraction", "0.7",
+                      "--rung-weights", "1", "--p-full", "0.1"])
+    log = (tmp_path / "ft" / "train.log").read_text()
+    assert "initialised from" in log and "k-means init" not in log
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{") and '"env"' in line]
+    assert lines and all("util" in r for r in lines)  # quantizer on from the first step, env loss logged
+    ck = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 2 and ck["config"]["w_env"] == 1.0 and ck["config"]["rung_weights"] == (1.0,)
+    tuned = torch.load(tmp_path / "ft.pt", weights_only=True)["model"]
+    assert set(tuned) == set(released)
+    assert any(not torch.equal(tuned[k], released[k]) for k in released)  # it trained
+
+
+def test_rung_weights_and_envelope_loss():
+    from pipeline.codec.neural_train import envelope_correlation_loss, sample_n_q
+    rng = random.Random(0)
+    n = sample_n_q(200, (2, 4, 8, 16, 32), rng, p_full=0.0, rung_weights=(1, 0, 0, 0, 0))
+    assert set(n.tolist()) == {2}
+    n = sample_n_q(400, (2, 4, 8, 16, 32), rng, p_full=0.5, rung_weights=(1, 0, 0, 0, 0))
+    assert set(n.tolist()) == {2, 32}
+    with pytest.raises(ValueError, match="rung_weights"):
+        sample_n_q(4, (2, 4), rng, rung_weights=(1, 2, 3))
+    g = np.random.default_rng(0)
+    x = torch.from_numpy(np.stack([chirp(2.0) * (0.5 + 0.5 * np.sin(np.linspace(0, 20, 2 * RATE)))
+                                   .astype(np.float32) for _ in range(2)]))
+    assert float(envelope_correlation_loss(x, x, RATE)) == pytest.approx(0.0, abs=1e-4)
+    noisy = x + 0.3 * torch.from_numpy(g.standard_normal(x.shape).astype(np.float32))
+    flat = torch.from_numpy(chirp(2.0)).expand(2, -1) * 0.5  # right spectrum, envelope modulation lost
+    e_noisy = float(envelope_correlation_loss(noisy, x, RATE))
+    assert 0.0 < e_noisy and float(envelope_correlation_loss(flat, x, RATE)) > 0.05
+    y = x.clone().requires_grad_(True)
+    envelope_correlation_loss(y + 0.1 * torch.randn_like(y), x, RATE).backward()
+    assert y.grad is not None and torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
 
 
 @pytest.mark.slow

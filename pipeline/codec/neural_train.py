@@ -50,6 +50,15 @@ class EmaRvqTrainer:
         self.restarts = int(s.get("restarts", 0))
 
     @torch.no_grad()
+    def seed_from_codebooks(self, vectors_per_step: int) -> None:
+        """Start from already-trained codebooks: EMA counts at the even share ``vectors_per_step / K`` and
+        sums consistent with the codebooks, so the first updates neither jump nor restart live codes."""
+        k = self.ema_count.shape[1]
+        self.ema_count.fill_(vectors_per_step / k)
+        self.ema_sum.copy_(self.codec.rvq.codebooks.detach() * self.ema_count[..., None])
+        self.initialized = True
+
+    @torch.no_grad()
     def kmeans_init(self, latents: torch.Tensor, iters: int = 6, log=None) -> None:
         """``latents: [N, D]`` -> residual k-means codebooks (needs N >= K)."""
         books = residual_kmeans(latents, self.codec.codebook_size, self.codec.n_q, iters=iters, gen=self.gen)
@@ -173,16 +182,69 @@ def perceptual_weight(n_bins: int, sample_rate: int) -> torch.Tensor:
     return torch.clamp(f / 4000.0, min=1.0).pow(-0.7)
 
 
-def sample_n_q(batch: int, ladder: tuple[int, ...], rng: random.Random, p_full: float = 0.3) -> torch.Tensor:
-    """Quantizer dropout: per example, the full stack with probability ``p_full``, else a ladder rung."""
+def sample_n_q(batch: int, ladder: tuple[int, ...], rng: random.Random, p_full: float = 0.3,
+               rung_weights: tuple[float, ...] | None = None) -> torch.Tensor:
+    """Quantizer dropout: per example, the full stack with probability ``p_full``, else a ladder rung
+    (uniformly, or in proportion to ``rung_weights``, one weight per rung of ``ladder``)."""
+    if rung_weights is not None and len(rung_weights) != len(ladder):
+        raise ValueError(f"rung_weights has {len(rung_weights)} entries for a ladder of {len(ladder)} rungs")
     out = []
     for _ in range(batch):
-        out.append(ladder[-1] if rng.random() < p_full else rng.choice(ladder))
+        if rng.random() < p_full:
+            out.append(ladder[-1])
+        elif rung_weights is None:
+            out.append(rng.choice(ladder))
+        else:
+            out.append(rng.choices(ladder, weights=rung_weights)[0])
     return torch.tensor(out)
 
 
+_BAND_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def third_octave_bands(rate: int, n_fft: int, n_bands: int = 15, low_hz: float = 150.0) -> torch.Tensor:
+    """``[n_bands, n_fft//2+1]`` 0/1 matrix of one-third-octave bands from ``low_hz`` centre (as STOI's)."""
+    key = (rate, n_fft, n_bands, low_hz)
+    if key not in _BAND_CACHE:
+        freqs = torch.linspace(0, rate / 2, n_fft // 2 + 1)
+        centres = low_hz * 2.0 ** (torch.arange(n_bands) / 3.0)
+        lo, hi = centres * 2 ** (-1 / 6), centres * 2 ** (1 / 6)
+        _BAND_CACHE[key] = ((freqs[None] >= lo[:, None]) & (freqs[None] < hi[:, None])).float()
+    return _BAND_CACHE[key]
+
+
+def envelope_correlation_loss(x: torch.Tensor, y: torch.Tensor, rate: int, n_fft: int = 512, hop: int = 256,
+                              win_frames: int = 36, stride: int = 12, floor: float = 1e-6) -> torch.Tensor:
+    """1 - mean correlation of short-time (~384 ms) one-third-octave band envelopes of ``x`` vs ``y``.
+
+    ``x, y: [B, T]`` float (degraded, reference). The quantity STOI averages, made differentiable:
+    it rewards keeping the slow band-energy modulations that carry speech intelligibility. (band, window)
+    pairs whose reference envelope does not move (norm of its deviation <= ``floor``: a silent band) are
+    left out, so identical signals score 0; segments shorter than a window use one window of all frames."""
+    w = torch.hann_window(n_fft, device=x.device)
+    bands = third_octave_bands(rate, n_fft).to(x.device)
+
+    def env(s):
+        spec = torch.stft(s, n_fft, hop, window=w, return_complex=True).abs().pow(2)  # [B, F, N]
+        return torch.sqrt(torch.einsum("kf,bfn->bkn", bands, spec) + 1e-12)  # [B, 15, N]
+
+    ex, ey = env(x), env(y)
+    n = ex.shape[2]
+    win = min(win_frames, n)
+    ex, ey = ex.unfold(2, win, stride), ey.unfold(2, win, stride)  # [B, 15, W, win]
+    ex = ex - ex.mean(-1, keepdim=True)
+    ey = ey - ey.mean(-1, keepdim=True)
+    nx, ny = ex.norm(dim=-1), ey.norm(dim=-1)
+    valid = ny > floor
+    if not valid.any():
+        return x.new_zeros(())
+    corr = (ex * ey).sum(-1) / (nx * ny).clamp_min(1e-20)
+    return 1.0 - corr[valid].mean()
+
+
 def forward_train(codec: NeuralRvqCodec, vq: EmaRvqTrainer | None, wav: torch.Tensor, n_q_items: torch.Tensor | None,
-                  w_mel: float = 1.0, w_mdct: float = 1.0, w_commit: float = 0.25, w_time: float = 0.0):
+                  w_mel: float = 1.0, w_mdct: float = 1.0, w_commit: float = 0.25, w_time: float = 0.0,
+                  w_env: float = 0.0):
     """One training forward on ``wav: [B, (F+1)*hop]`` segments (zero-padded convolutions).
 
     ``vq=None`` (or an uninitialised quantizer) trains the plain autoencoder (warm-up).
@@ -213,6 +275,10 @@ def forward_train(codec: NeuralRvqCodec, vq: EmaRvqTrainer | None, wav: torch.Te
         t = (rec - ref).abs().mean()
         loss = loss + w_time * t
         logs["time"] = t.item()
+    if w_env > 0:
+        e = envelope_correlation_loss(rec, ref, codec.sample_rate)
+        loss = loss + w_env * e
+        logs["env"] = e.item()
     logs["loss"] = loss.item()
     return loss, logs
 
