@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--actors", type=int, help="codec actors (default: 1 per GPU, else 1 per CPU)")
     e.add_argument("--gpus-per-actor", type=float, help="GPUs per codec actor (fractional packs several)")
     e.add_argument("--threads-per-actor", type=int, default=1, help="torch threads per CPU codec actor")
-    e.add_argument("--batch-windows", type=int, help="windows per codec forward pass (default 4 on CPU, 64 "
+    e.add_argument("--batch-windows", type=int, help="windows per codec forward pass (default 1 on CPU, 64 "
                    "on GPU)")
     e.add_argument("--min-actors", type=int, help="autoscaling codec actor pool: fewest actors (default "
                    "--actors or 1)")

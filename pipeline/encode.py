@@ -38,7 +38,7 @@ class EncodeConfig:
     actors: int | None = None  # codec actors; default: 1 per GPU slot, else 1 per CPU
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
     threads_per_actor: int = 1  # torch threads in each CPU codec actor
-    batch_windows: int | None = None  # windows per codec forward pass; default 4 on CPU, 64 on GPU
+    batch_windows: int | None = None  # windows per codec forward pass; default 1 on CPU, 64 on GPU
     min_actors: int | None = None  # autoscaling pool bounds (ActorPoolStrategy); default: --actors or 1
     max_actors: int | None = None  # ... default: --actors, else 1 per GPU slot or 1 per CPU
     precision: str = "fp32"  # GPU autocast: fp32 | bf16 | fp16 (check fidelity first: jobs/bench_codec.py)
@@ -193,12 +193,11 @@ class CodecActor:
             torch.set_num_threads(threads)
         self.torch = torch
         self.precision = precision
-        try:
-            import ray
+        self.node_id = self.actor_id = None
+        import ray
+        if ray.is_initialized():  # outside Ray (unit use) asking for the context would start a local Ray
             rc = ray.get_runtime_context()
             self.node_id, self.actor_id = rc.get_node_id(), rc.get_actor_id()
-        except Exception:  # noqa: BLE001 - outside Ray (unit use)
-            self.node_id = self.actor_id = None
         self.codec = registry.load(codec, weights, device=device)
         if self.codec.checkpoint_hash() != checkpoint_hash:
             raise CodecMismatchError(f"codec actor loaded checkpoint {self.codec.checkpoint_hash()}, "
@@ -662,6 +661,24 @@ def _run_encode(cfg: EncodeConfig, on_progress, job_id: str, dm: "metrics.Driver
     return summary
 
 
+MOVE_THREADS = 16  # concurrent staging -> final shard moves (on S3 each is a CopyObject + DeleteObject)
+
+
+def _move_all(moves: list[tuple[str, str]]) -> None:
+    """Move staged shards to their final names, concurrently: on an object store a move is two requests
+    of tens of milliseconds (more for a server-side copy of a 64 MiB shard), so a serial loop would put
+    hours of round trips between generations at library scale (deploy/SCALING.md). Every move is
+    idempotent, so the first failure is raised and a re-run of the job finishes the rest."""
+    if len(moves) <= 1:
+        for src, dst in moves:
+            storage.move(src, dst)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=min(MOVE_THREADS, len(moves)), thread_name_prefix="shard-move") as ex:
+        for f in [ex.submit(storage.move, src, dst) for src, dst in moves]:
+            f.result()
+
+
 def _commit_generation(cfg: EncodeConfig, gen: int, crec: CodecRecord, items: list[dict], results: list[dict]
                        ) -> list[ManifestEntry]:
     """Move staged shards into place and write this generation's manifest rows (not yet the record)."""
@@ -669,6 +686,7 @@ def _commit_generation(cfg: EncodeConfig, gen: int, crec: CodecRecord, items: li
     where: dict[int, list[Location]] = {}
     seqs: dict[int, set[int]] = {}
     codes_bytes: dict[int, int] = {}
+    moves: list[tuple[str, str]] = []
     for r in results:
         for info in r["infos"]:
             infos[info["source"]] = info
@@ -683,7 +701,8 @@ def _commit_generation(cfg: EncodeConfig, gen: int, crec: CodecRecord, items: li
             # the shard's bytes on disk, shared out in proportion to the codes each file put there
             codes_bytes[fid] = codes_bytes.get(fid, 0) + int(round(r["shard_bytes"] * b / total_codes))
         staged = storage.join(archive.staging_dir(cfg.dest, gen), r["shard"].rsplit("/", 1)[1])
-        storage.move(staged, storage.join(cfg.dest, r["shard"]))
+        moves.append((staged, storage.join(cfg.dest, r["shard"])))
+    _move_all(moves)
     storage.remove(archive.staging_dir(cfg.dest, gen), recursive=True)
     stamp = archive.now()
     entries = []

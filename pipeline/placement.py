@@ -19,7 +19,10 @@ from dataclasses import asdict, dataclass
 from .errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-CPU_BATCH_WINDOWS = 4  # CPU actors: small batches keep latency and memory low; no gain from more
+# CPU actors: one window per forward pass. Measured (neural_rvq, 1 thread, 30 s windows): batch 4 encodes at
+# 125x realtime, batch 1 at 172x (activations of 4 windows spill out of the cache); end to end, 32 x 3 min:
+# 1 actor 89x -> 170x, 2 actors 114x -> 257x (deploy/SCALING.md)
+CPU_BATCH_WINDOWS = 1
 GPU_BATCH_WINDOWS = 64  # GPU actors: many windows per forward pass (30 s windows: ~32 min of audio per pass)
 CPU_PER_CODEC_ACTOR = 0.5  # logical CPUs a CPU codec actor reserves (decode tasks take 0.5 too)
 CPU_PER_GPU_ACTOR = 1.0  # a GPU actor still needs a core to feed the card (pack codes, pin, copy)

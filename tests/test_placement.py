@@ -97,6 +97,8 @@ def test_to_device_pins_and_copies_async_for_cuda(monkeypatch):
 def test_codec_actor_cpu_ignores_reduced_precision_and_refuses_cuda_without_gpu():
     from pipeline.codec import load
     from pipeline.encode import CodecActor, _row
+    import ray
+    was_up = ray.is_initialized()
     c = load("mdct_rvq")
     n_frames = 10
     x = (0.1 * np.random.default_rng(0).standard_normal(n_frames * c.hop_length + sum(c.encode_context))
@@ -108,6 +110,8 @@ def test_codec_actor_cpu_ignores_reduced_precision_and_refuses_cuda_without_gpu(
             for p in ("fp32", "bf16")]
     assert outs[0]["payload"][0] == outs[1]["payload"][0]
     assert outs[0]["info"][1] == "{}"
+    if not was_up:  # used outside Ray, the actor class must not start a Ray instance of its own
+        assert not ray.is_initialized()
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError):
             CodecActor("mdct_rvq", None, c.checkpoint_hash(), 8, "cuda", 1)

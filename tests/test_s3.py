@@ -136,10 +136,14 @@ def test_s3_encode_and_restore(ray_s3, corpus, s3_prefix, tmp_path):
     from pipeline.encode import run_encode
     from pipeline.restore import RestoreConfig, run_restore
     src, files = corpus
-    s = run_encode(_cfg(src, f"{s3_prefix}/arc", commit_every=3))
-    assert (s.files_total, s.files_archived, s.files_failed) == (5, 5, 0)
+    # tiny shards: a generation writes several, all moved from staging at once at commit
+    s = run_encode(_cfg(src, f"{s3_prefix}/arc", commit_every=3, shard_mb=0.001))
+    assert (s.files_total, s.files_archived, s.files_failed) == (5, 5, 0), s.failures
     assert s.report.startswith("s3://")
     _assert_each_archived_once(f"{s3_prefix}/arc", files)
+    from pipeline import storage
+    assert len(storage.list_dir(f"{s3_prefix}/arc/shards/g000001")) > 1
+    assert storage.list_dir(f"{s3_prefix}/arc/_staging") == []
     out = run_restore(RestoreConfig(dest=f"{s3_prefix}/arc", out=str(tmp_path / "out"), format="wav"))
     assert len(out) == 5
     for r in out:
