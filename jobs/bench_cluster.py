@@ -1,9 +1,11 @@
 """Encode throughput vs codec actors and vs nodes (prints JSON lines; not a test).
 
-    python -m jobs.bench_cluster [--files 8 --seconds 60 --parts actors,nodes]
+    python -m jobs.bench_cluster [--files 8 --seconds 60 --parts ceiling,actors,nodes]
 
 * actors: one local Ray node (this machine), the same corpus encoded with --actors 1 then 2 (warm driver,
   one generation, fixed pools); speedup = x_realtime(2) / x_realtime(1).
+* ceiling: the codec alone (no Ray) in 1 process, then in 2 processes at once; their summed speed over the
+  single one is what this machine allows 2 actors at best (shared caches, memory bandwidth, VM neighbours).
 * nodes: a loopback cluster (jobs.loopback_cluster) with 1 node vs 2 nodes, the encode run as a driver
   subprocess (``python -m jobs.encode --address``), default actor count (1 per CPU of the cluster).
 Every line carries the 1-minute load average before/after, since the machine may be shared.
@@ -55,6 +57,24 @@ def bench_actors(src: Path, work: Path, counts: list[int], window: float) -> lis
     return out
 
 
+CEILING_CHILD = "from jobs.bench_pipeline import codec_speed; print(codec_speed('neural_rvq', 8, seconds=60))"
+
+
+def bench_ceiling() -> dict:
+    root = str(Path(__file__).resolve().parent.parent)
+
+    def run(n):
+        ps = [subprocess.Popen([sys.executable, "-c", CEILING_CHILD], cwd=root, stdout=subprocess.PIPE, text=True)
+              for _ in range(n)]
+        return [float(p.communicate()[0].strip().splitlines()[-1]) for p in ps]
+
+    one, two = run(1), run(2)
+    out = {"part": "ceiling", "codec_x_1_process": round(one[0], 1), "codec_x_2_processes": [round(v, 1) for v in two],
+           "ceiling_2_vs_1": round(sum(two) / one[0], 2), "load1": load()}
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def bench_nodes(src: Path, work: Path, window: float) -> list[dict]:
     from jobs.loopback_cluster import LoopbackCluster
     out = []
@@ -85,12 +105,14 @@ def main(argv=None) -> None:
     ap.add_argument("--files", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--window-seconds", type=float, default=30.0)
-    ap.add_argument("--parts", default="actors,nodes")
+    ap.add_argument("--parts", default="ceiling,actors,nodes")
     a = ap.parse_args(argv)
     print(json.dumps({"cores": os.cpu_count(), "load1": load(), "files": a.files, "seconds_each": a.seconds}))
     with tempfile.TemporaryDirectory(prefix="aarc-bench-") as d:
         src = corpus(Path(d) / "src", a.files, a.seconds)
         res = []
+        if "ceiling" in a.parts:
+            bench_ceiling()
         if "actors" in a.parts:
             r = bench_actors(src, Path(d), [1, 2], a.window_seconds)
             res += r

@@ -20,16 +20,19 @@ import numpy as np
 import soundfile as sf
 
 
-def synth(path: Path, seconds: float, rate: int = 44100, seed: int = 0, block_s: float = 60.0) -> None:
+def synth(path: Path, seconds: float, rate: int = 44100, seed: int = 0, block_s: float = 60.0,
+          channels: int = 1) -> None:
     """Music-like test signal (tones + noise bursts), written block by block (no full array in memory)."""
     rng = np.random.default_rng(seed)
-    with sf.SoundFile(str(path), "w", samplerate=rate, channels=1, format="FLAC") as f:
+    with sf.SoundFile(str(path), "w", samplerate=rate, channels=channels, format="FLAC") as f:
         done = 0
         total = int(seconds * rate)
         while done < total:
             n = min(int(block_s * rate), total - done)
             t = (done + np.arange(n)) / rate
             x = 0.2 * np.sin(2 * np.pi * (220 + 110 * np.sin(0.1 * t)) * t) + 0.05 * rng.standard_normal(n)
+            if channels > 1:
+                x = np.stack([x * (1 - 0.1 * c) for c in range(channels)], axis=1)
             f.write(x.astype(np.float32))
             done += n
 
@@ -46,6 +49,24 @@ def codec_speed(codec_name: str, n_q: int, seconds: float = 60.0, threads: int =
     t = time.perf_counter()
     encode_array(c, x, n_q, window_frames=int(30 * c.frame_rate))
     return seconds / (time.perf_counter() - t)
+
+
+def host_decode_speed(path: Path, codec_name: str) -> float:
+    """x realtime of the host-side stage alone (``decode_file``: read, hash, decode, resample to the codec
+    rate, cut windows with context) for one file in this process, on one core: what a GPU job needs in
+    CPU cores per unit of codec throughput (deploy/SCALING.md)."""
+    from pipeline.codec import load
+    from pipeline.codec.windows import CodecGeometry
+    from pipeline.encode import decode_file
+    c = load(codec_name)
+    geom = CodecGeometry.of(c)
+    item = {"source": str(path), "file_id": 1, "size": path.stat().st_size, "prev_hash": ""}
+    t = time.perf_counter()
+    duration = None
+    for row in decode_file(item, geom, window_frames=int(30 * c.frame_rate)):
+        if row["kind"] != "win":
+            duration = json.loads(row["info"]).get("duration_s")
+    return duration / (time.perf_counter() - t)
 
 
 RSS_CHILD = r"""
@@ -127,6 +148,12 @@ def main(argv=None) -> None:
             n = sq.quality["summary"]["files_sampled"] if sq.quality else 0
             print(f"quality sampling at 2% (visqol {'on' if visqol else 'off'}): {n} of {sq.files_archived} files "
                   f"sampled, wall {wq:.1f} s vs {wall:.1f} s without: overhead {100 * (wq / wall - 1):+.1f}%")
+    stereo = wd / "stereo44k.flac"
+    if not stereo.exists():
+        synth(stereo, 300, rate=44100, channels=2)
+    host = max(host_decode_speed(stereo, args.codec) for _ in range(2))
+    print(f"host side alone (decode_file: FLAC decode + sha256 + resample to {load(args.codec).sample_rate} Hz + "
+          f"windows), 44.1 kHz stereo FLAC: {host:.0f}x realtime on one core")
     if args.skip_rss:
         return
     short = wd / "short.flac"

@@ -205,9 +205,11 @@ class Joiner:
             raise ValueError(f"codes decode to {self.emitted} samples, expected {self.n_samples}")
 
 
-def encode_array(codec: Codec, x: np.ndarray, n_q: int, window_frames: int = 1500, with_gains: bool = False):
+def encode_array(codec: Codec, x: np.ndarray, n_q: int, window_frames: int = 1500, with_gains: bool = False,
+                 device: str = "cpu"):
     """Whole-signal helper: ``x: [C, T]`` at the codec rate -> ``codes: [S, n_q, n_frames(T)] int64``
-    (``S = C / codec.channels`` streams); with ``with_gains``: ``(codes, gains [S, segments] or None)``."""
+    (``S = C / codec.channels`` streams); with ``with_gains``: ``(codes, gains [S, segments] or None)``.
+    ``device``: where ``codec`` lives (windows go there, codes come back to the host)."""
     cc = codec.channels
     if x.shape[0] % cc:
         raise ValueError(f"codec {codec.name!r} codes {cc}-channel streams; got {x.shape[0]} channels")
@@ -215,11 +217,11 @@ def encode_array(codec: Codec, x: np.ndarray, n_q: int, window_frames: int = 150
     parts, gparts = [], []
     for w in list(win.push(x)) + list(win.finish()):
         with torch.inference_mode():
-            wav = torch.from_numpy(w.samples).reshape(-1, cc, w.samples.shape[1])
+            wav = torch.from_numpy(w.samples).reshape(-1, cc, w.samples.shape[1]).to(device)
             codes, gains = codec.encode_with_gains(wav, n_q)
-        parts.append(codes.numpy())
+        parts.append(codes.cpu().numpy())
         if gains is not None:
-            gparts.append(gains.float().numpy())
+            gparts.append(gains.float().cpu().numpy())
     codes = np.concatenate(parts, axis=2)
     if with_gains:
         return codes, (np.concatenate(gparts, axis=1) if gparts else None)
@@ -229,13 +231,13 @@ def encode_array(codec: Codec, x: np.ndarray, n_q: int, window_frames: int = 150
 
 
 def decode_array(codec: Codec, codes: np.ndarray, n_samples: int, window_frames: int = 1500,
-                 gains: np.ndarray | None = None, channels: int | None = None) -> np.ndarray:
+                 gains: np.ndarray | None = None, channels: int | None = None, device: str = "cpu") -> np.ndarray:
     """Whole-signal helper: ``codes: [S, K, F]`` (and ``gains`` of a ``side_gains`` codec) ->
     ``[S * codec.channels, n_samples] float32`` (``channels``: mix down to the file's channel count)."""
     seg = codec.segment_frames
     if window_frames % seg:
         raise ValueError(f"window_frames ({window_frames}) must be a multiple of {seg}")
-    j = Joiner(codec, n_samples, channels=channels)
+    j = Joiner(codec, n_samples, device=device, channels=channels)
     out = []
     for a in range(0, codes.shape[2], window_frames):
         g = None if gains is None else gains[:, a // seg: (a + window_frames) // seg]
