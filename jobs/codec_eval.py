@@ -271,6 +271,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--bitrates", type=float, nargs="+", default=[1.5, 3, 6, 12])
     ap.add_argument("--codec", nargs="*", default=["neural_rvq"])
     ap.add_argument("--codec-weights", type=Path, default=None, help="weights for the (first) codec")
+    ap.add_argument("--label", default=None, help="name the (first) codec by this in the table, e.g. to merge "
+                    "two checkpoints of one codec (--merge) and tell them apart")
     ap.add_argument("--baselines", nargs="*", default=["opus", "mp3"])
     ap.add_argument("--max-files", type=int, default=4, help="per content kind")
     ap.add_argument("--seconds", type=float, default=8.0, help="max seconds per reference")
@@ -302,10 +304,11 @@ def main(argv=None) -> list[dict]:
         baselines = []
     codecs = {}
     for i, name in enumerate(args.codec):
-        codecs[name] = registry.load(name, args.codec_weights if i == 0 else None)
-        if (codecs[name].sample_rate, codecs[name].channels) != (RATE, 1):
-            raise SystemExit(f"codec_eval compares 24 kHz mono codecs; {name} is {codecs[name].sample_rate} Hz, "
-                             f"{codecs[name].channels} channels per stream")
+        c = registry.load(name, args.codec_weights if i == 0 else None)
+        if (c.sample_rate, c.channels) != (RATE, 1):
+            raise SystemExit(f"codec_eval compares 24 kHz mono codecs; {name} is {c.sample_rate} Hz, "
+                             f"{c.channels} channels per stream")
+        codecs[args.label if i == 0 and args.label else name] = c
     print(f"{len(refs)} references ({', '.join(sorted({r['kind'] for r in refs}))}), codecs {list(codecs)}, "
           f"baselines {baselines}, ViSQOL {'on' if use_visqol else 'off'}")
     rows = []

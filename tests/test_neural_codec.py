@@ -285,6 +285,16 @@ def test_eval_job_runs(tmp_path):
     assert (tmp_path / "ev" / "summary.md").exists() and (tmp_path / "ev" / "results.csv").exists()
     merged = codec_eval.main(["--merge", str(tmp_path / "ev"), "--out-dir", str(tmp_path / "ev2")])
     assert [(s["codec"], s["kind"]) for s in merged] == [(s["codec"], s["kind"]) for s in summary]
+    if codecs:  # a labelled second checkpoint of the same codec merges beside the first
+        codec_eval.main([str(d), "--all-files", "--bitrates", "6", "--max-files", "1", "--seconds", "2",
+                         "--min-seconds", "1", "--bench-seconds", "0", "--no-visqol", "--codec", "neural_rvq",
+                         "--codec-weights", str(WEIGHTS), "--label", "neural_rvq-again", "--baselines",
+                         "--out-dir", str(tmp_path / "ev3")])
+        both = codec_eval.main(["--merge", str(tmp_path / "ev"), str(tmp_path / "ev3"), "--out-dir",
+                                str(tmp_path / "ev4")])
+        by = {(s["codec"], s["kind"]): s["mel"] for s in both}
+        for kind in {s["kind"] for s in summary}:
+            assert by[("neural_rvq-again", kind)] == pytest.approx(by[("neural_rvq", kind)])
 
 
 # -- the shipped checkpoint --------------------------------------------------------------------------
