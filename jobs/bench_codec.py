@@ -112,6 +112,8 @@ def main(argv=None) -> None:
     print(json.dumps({"gpu_path": "cuda" in devices, "cuda_available": torch.cuda.is_available(),
                       "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                       "torch": torch.__version__, "threads": a.threads}))
+    for dev in devices:
+        placement.strict_fp32(dev, "fp32")  # the fp32 reference really is fp32 on CUDA (no TF32)
     for name in names:
         for dev in devices:
             codec = registry.load(name, weights.get(name), device=dev)

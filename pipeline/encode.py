@@ -191,6 +191,7 @@ class CodecActor:
         device = resolve_device(device)
         if device == "cpu":
             torch.set_num_threads(threads)
+        placement.strict_fp32(device, precision)
         self.torch = torch
         self.precision = precision
         self.node_id = self.actor_id = None

@@ -9,6 +9,7 @@ Pure functions (no Ray, no CUDA needed) so the GPU decisions are unit-tested on 
   lands on a node without a usable CUDA device instead of silently running on CPU).
 * ``to_device``: pinned host memory + non-blocking copy on CUDA, zero-copy ``from_numpy`` on CPU.
 * ``autocast``: optional bf16/fp16 autocast on CUDA only; on CPU it is always off (fp32), whatever is asked.
+* ``strict_fp32``: fp32 on CUDA means fp32 (no TF32), so GPU and CPU encodes of one input agree.
 """
 from __future__ import annotations
 
@@ -112,6 +113,29 @@ def resolve_device(requested: str, cuda_available: bool | None = None) -> str:
                           "(CPU-only torch wheel, or no driver); install the CUDA torch build in the image "
                           "or pass --gpus-per-actor 0 for CPU actors")
     return "cuda"
+
+
+def strict_fp32(device: str, precision: str) -> bool:
+    """For ``fp32`` on CUDA, turn off TF32 (cuDNN allows it for convolutions by default; it keeps 10 mantissa
+    bits, and bf16's 7 already flip 42 % of neural_rvq's codes, SCALING.md), so a GPU encode agrees with a
+    CPU encode of the same input except at float-summation near-ties. Returns whether it changed anything."""
+    if precision != "fp32" or not device.startswith("cuda"):
+        return False
+    import torch
+    for flags in tf32_flags():
+        flags.fp32_precision = "ieee"
+    if not tf32_flags():  # torch before the fp32_precision API (mixing the two APIs is an error in newer ones)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return True
+
+
+def tf32_flags() -> list:
+    """torch's per-backend ``fp32_precision`` settings (cuBLAS matmul, cuDNN conv and RNN), [] on old torch."""
+    import torch
+    out = [getattr(torch.backends.cuda, "matmul", None), getattr(torch.backends.cudnn, "conv", None),
+           getattr(torch.backends.cudnn, "rnn", None)]
+    return [f for f in out if f is not None and hasattr(f, "fp32_precision")]
 
 
 def autocast_dtype(device: str, precision: str):

@@ -74,6 +74,23 @@ def test_autocast_on_cuda_only():
     assert isinstance(cm, torch.autocast) and cm.fast_dtype is torch.bfloat16
 
 
+def test_strict_fp32_turns_tf32_off_on_cuda_only():
+    flags = placement.tf32_flags()
+    if not flags:
+        pytest.skip("this torch has no fp32_precision settings")
+    saved = [f.fp32_precision for f in flags]
+    try:
+        for f in flags:
+            f.fp32_precision = "tf32"
+        assert not placement.strict_fp32("cpu", "fp32") and not placement.strict_fp32("cuda", "bf16")
+        assert [f.fp32_precision for f in flags] == ["tf32"] * len(flags)
+        assert placement.strict_fp32("cuda", "fp32")
+        assert [f.fp32_precision for f in flags] == ["ieee"] * len(flags)
+    finally:
+        for f, v in zip(flags, saved):
+            f.fp32_precision = v
+
+
 def test_to_device_pins_and_copies_async_for_cuda(monkeypatch):
     calls = []
 
