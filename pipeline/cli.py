@@ -39,7 +39,7 @@ def cmd_encode(args) -> int:
     cfg = EncodeConfig(quality=qcfg, src=args.src, dest=args.dest, bitrate_kbps=args.bitrate, codec=args.codec,
                        codec_weights=args.codec_weights, window_seconds=args.window_seconds, actors=args.actors,
                        gpus_per_actor=args.gpus_per_actor, threads_per_actor=args.threads_per_actor,
-                       batch_windows=args.batch_windows, commit_every=args.commit_every, shard_mb=args.shard_mb,
+                       batch_windows=args.batch_windows, batch_seconds=args.batch_seconds, commit_every=args.commit_every, shard_mb=args.shard_mb,
                        address=args.address, input_list=args.input_list, metrics_port=args.metrics_port,
                        metrics_host=args.metrics_host, metrics_linger=args.metrics_linger,
                        emit_metrics=not args.no_metrics, min_actors=args.min_actors,
@@ -239,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads-per-actor", type=int, default=1, help="torch threads per CPU codec actor")
     e.add_argument("--batch-windows", type=int, help="windows per codec forward pass (default 1 on CPU, 64 "
                    "on GPU)")
+    e.add_argument("--batch-seconds", type=float, help="the same in seconds of audio per forward pass (whole "
+                   "windows of --window-seconds, at least one), e.g. 1920 = 64 windows of 30 s")
     e.add_argument("--min-actors", type=int, help="autoscaling codec actor pool: fewest actors (default "
                    "--actors or 1)")
     e.add_argument("--max-actors", type=int, help="autoscaling codec actor pool: most actors (default "

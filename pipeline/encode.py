@@ -39,6 +39,7 @@ class EncodeConfig:
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
     threads_per_actor: int = 1  # torch threads in each CPU codec actor
     batch_windows: int | None = None  # windows per codec forward pass; default 1 on CPU, 64 on GPU
+    batch_seconds: float | None = None  # the same in seconds of audio (whole windows, at least one)
     min_actors: int | None = None  # autoscaling pool bounds (ActorPoolStrategy); default: --actors or 1
     max_actors: int | None = None  # ... default: --actors, else 1 per GPU slot or 1 per CPU
     precision: str = "fp32"  # GPU autocast: fp32 | bf16 | fp16 (check fidelity first: jobs/bench_codec.py)
@@ -51,6 +52,12 @@ class EncodeConfig:
     metrics_host: str = "127.0.0.1"
     metrics_linger: float = 0.0  # after the job: keep serving until its final values were scraped, <= this
     emit_metrics: bool = True  # worker-side Ray metrics (also off with AUDIOARC_METRICS=0)
+
+    def windows_per_batch(self) -> int | None:
+        """``batch_windows``, or ``batch_seconds`` in whole windows of ``window_seconds`` (at least 1)."""
+        if self.batch_seconds is None:
+            return self.batch_windows
+        return max(1, int(round(self.batch_seconds / self.window_seconds)))
 
     def validate(self) -> "EncodeConfig":
         if self.bitrate_kbps <= 0:
@@ -65,6 +72,11 @@ class EncodeConfig:
             raise ConfigError("--shard-mb must be positive")
         if self.batch_windows is not None and self.batch_windows < 1:
             raise ConfigError("--batch-windows must be >= 1")
+        if self.batch_seconds is not None:
+            if self.batch_windows is not None:
+                raise ConfigError("give --batch-windows or --batch-seconds, not both")
+            if self.batch_seconds <= 0:
+                raise ConfigError(f"--batch-seconds must be positive, got {self.batch_seconds:g}")
         from .placement import PRECISIONS
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
@@ -556,7 +568,7 @@ def _run_encode(cfg: EncodeConfig, on_progress, job_id: str, dm: "metrics.Driver
         dm.advertised = advertise(dm.url, job_id)
 
     plan = placement.plan_actors(ray.cluster_resources(), cfg.actors, cfg.gpus_per_actor, cfg.min_actors,
-                                 cfg.max_actors, cfg.batch_windows, cfg.precision)
+                                 cfg.max_actors, cfg.windows_per_batch(), cfg.precision)
     progress = ray.remote(num_cpus=0)(Progress).remote()
     job_tags = {"job_id": job_id, "codec": crec.name, "bitrate": f"{cfg.bitrate_kbps:g}"} \
         if cfg.emit_metrics and metrics.enabled() else None

@@ -196,10 +196,14 @@ def test_restore_refuses_an_archive_of_another_codec_checkpoint(tmp_path, cli):
     assert code == EXIT_ERROR
 
 
-def test_archive_of_an_earlier_shipped_checkpoint_restores_and_grows_without_weights(tmp_path, cli):
+def _previous_neural_weights():
     from pipeline.codec import registry
-    spec = registry.spec("neural_rvq")
-    old = spec.previous_weights[0]
+    return registry.spec("neural_rvq").previous_weights
+
+
+@pytest.mark.parametrize("old", _previous_neural_weights(), ids=lambda p: p.name)
+def test_archive_of_an_earlier_shipped_checkpoint_restores_and_grows_without_weights(tmp_path, cli, old):
+    from pipeline.codec import registry
     old_hash = registry.load("neural_rvq", old).checkpoint_hash()
     assert old_hash != registry.load("neural_rvq").checkpoint_hash()  # a real upgrade, not the same file
     src, dest = tmp_path / "src", tmp_path / "arc"

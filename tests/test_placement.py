@@ -134,6 +134,21 @@ def test_codec_actor_cpu_ignores_reduced_precision_and_refuses_cuda_without_gpu(
             CodecActor("mdct_rvq", None, c.checkpoint_hash(), 8, "cuda", 1)
 
 
+def test_batch_seconds_become_whole_windows():
+    from pipeline.encode import EncodeConfig
+    cfg = EncodeConfig(src="s", dest="d", window_seconds=30, batch_seconds=1920).validate()
+    assert cfg.windows_per_batch() == 64
+    assert EncodeConfig(src="s", dest="d", window_seconds=30, batch_seconds=5).validate().windows_per_batch() == 1
+    assert EncodeConfig(src="s", dest="d", batch_windows=3).validate().windows_per_batch() == 3
+    assert EncodeConfig(src="s", dest="d").validate().windows_per_batch() is None  # placement's default
+    with pytest.raises(ConfigError, match="not both"):
+        EncodeConfig(src="s", dest="d", batch_windows=2, batch_seconds=60).validate()
+    with pytest.raises(ConfigError, match="positive"):
+        EncodeConfig(src="s", dest="d", batch_seconds=0).validate()
+    a = build_parser().parse_args(["encode", "s", "d", "--batch-seconds", "600"])
+    assert a.batch_seconds == 600.0
+
+
 def test_cli_accepts_cluster_options():
     a = build_parser().parse_args(["encode", "s", "d", "--min-actors", "1", "--max-actors", "8",
                                    "--gpus-per-actor", "0.25", "--precision", "bf16", "--batch-windows", "128"])
