@@ -156,7 +156,7 @@ def train_loop(config: dict) -> None:
         # so the quantizer starts initialised, its EMA statistics seeded as if each code were used evenly
         state = torch.load(config["init_from"], map_location=device, weights_only=True)
         codec.load_weights(state, str(config["init_from"]))
-        vq.seed_from_codebooks(config["batch"] * (config["seg_frames"] + 1))
+        vq.seed_from_codebooks(config["batch"] * config["seg_frames"])  # latent vectors per step
         log(f"initialised from {config['init_from']} (trained to step {state.get('step', '?')})")
     else:
         # per-bin normalisation of the companded MDCT from data

@@ -682,9 +682,7 @@ def _move_all(moves: list[tuple[str, str]]) -> None:
     of tens of milliseconds (more for a server-side copy of a 64 MiB shard), so a serial loop would put
     hours of round trips between generations at library scale (deploy/SCALING.md). Every move is
     idempotent, so the first failure is raised and a re-run of the job finishes the rest."""
-    if len(moves) <= 1:
-        for src, dst in moves:
-            storage.move(src, dst)
+    if not moves:
         return
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=min(MOVE_THREADS, len(moves)), thread_name_prefix="shard-move") as ex:

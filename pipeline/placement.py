@@ -122,9 +122,10 @@ def strict_fp32(device: str, precision: str) -> bool:
     if precision != "fp32" or not device.startswith("cuda"):
         return False
     import torch
-    for flags in tf32_flags():
-        flags.fp32_precision = "ieee"
-    if not tf32_flags():  # torch before the fp32_precision API (mixing the two APIs is an error in newer ones)
+    flags = tf32_flags()
+    for f in flags:
+        f.fp32_precision = "ieee"
+    if not flags:  # torch before the fp32_precision API (mixing the two APIs is an error in newer ones)
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     return True
