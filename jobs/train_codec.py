@@ -9,6 +9,11 @@ corpus), minus the held-out split (``corpus.is_heldout``), resampled to 24 kHz m
 ``.npz``. Checkpoints (model, optimizer, quantizer EMA state, step, wall time) go to ``RUN_DIR/ckpt.pt``
 every ``--ckpt-every`` steps; ``--resume`` continues from there. The best model so far (multi-scale mel
 loss at 6 kbps on a fixed set of training segments) is written to ``--out`` as ``{"model": state_dict}``.
+
+``--rung-decoder K --init-from WEIGHTS`` trains only a dedicated decoder for exactly K stages (see
+``pipeline/codec/neural.py``), started as a copy of the shared decoder; the encoder and codebooks are
+frozen, so the codes (and every other rung) stay exactly those of WEIGHTS. Its best model is chosen by
+the training objective at K stages on the fixed segments.
 """
 from __future__ import annotations
 
@@ -108,7 +113,8 @@ class SegmentSampler:
 def train_loop(config: dict) -> None:
     """Runs in the Ray Train worker or directly (``--no-ray``)."""
     from pipeline.codec.neural import NeuralRvqCodec
-    from pipeline.codec.neural_train import EmaRvqTrainer, collect_latents, forward_train, sample_n_q
+    from pipeline.codec.neural_train import (EmaRvqTrainer, collect_latents, forward_rung_decoder, forward_train,
+                                             sample_n_q)
 
     torch.set_num_threads(int(config["threads"]))
     torch.manual_seed(config["seed"])
@@ -138,19 +144,35 @@ def train_loop(config: dict) -> None:
     sampler = SegmentSampler(Path(config["cache"]), seg, seed=config["seed"],
                              other_fraction=config.get("other_fraction", 0.5))
     vq = EmaRvqTrainer(codec, decay=config["ema_decay"], seed=config["seed"])
-    opt = torch.optim.AdamW([p for p in codec.parameters()], lr=config["lr"], betas=(0.8, 0.99),
-                            weight_decay=1e-5)
+    rung = config.get("rung_decoder")
+    if rung:
+        if not (config.get("init_from") or config.get("resume")):
+            raise ValueError("--rung-decoder trains a decoder for trained codes: pass --init-from WEIGHTS")
+        if rung not in codec.ladder_n_q:
+            raise ValueError(f"--rung-decoder {rung}: not a rung of the ladder {codec.ladder_n_q}")
+        if config.get("init_from"):  # load before adding, so a missing rung decoder starts as the shared one
+            state = torch.load(config["init_from"], map_location=device, weights_only=True)
+            codec.load_weights(state, str(config["init_from"]))
+        codec.add_rung_decoder(rung)
+        codec.requires_grad_(False)
+        codec.decoder_for(rung).requires_grad_(True)
+    params = [p for p in codec.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config["lr"], betas=(0.8, 0.99), weight_decay=1e-5)
     step, elapsed, best = 0, 0.0, float("inf")
     ckpt_path = run_dir / "ckpt.pt"
     if config.get("resume") and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        codec.load_state_dict(ck["model"])
+        codec.load_weights(ck, str(ckpt_path))
         opt.load_state_dict(ck["opt"])
         vq.load_state_dict(ck["vq"])
         step, elapsed = ck["step"], ck["elapsed"]
         best = best if config.get("reset_best") else ck.get("best", best)
         sampler.rng = np.random.default_rng(config["seed"] + step)
         log(f"resumed from {ckpt_path} at step {step} ({elapsed / 60:.1f} min)")
+    elif rung:
+        vq.seed_from_codebooks(config["batch"] * config["seg_frames"])  # frozen: never updated
+        log(f"rung decoder for {rung} stages, from {config['init_from']} "
+            f"({sum(p.numel() for p in params) / 1e6:.2f}M trainable params; encoder and codebooks frozen)")
     elif config.get("init_from"):
         # fine-tune from released weights (no optimizer or EMA state in them): the codebooks are trained,
         # so the quantizer starts initialised, its EMA statistics seeded as if each code were used evenly
@@ -182,12 +204,14 @@ def train_loop(config: dict) -> None:
 
     def save_weights(path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": {k: v.cpu() for k, v in codec.state_dict().items()},
-                    "config": {k: config[k] for k in ("width", "latent_dim", "dilations", "n_q", "codebook_size")},
+        cfg = {k: config[k] for k in ("width", "latent_dim", "dilations", "n_q", "codebook_size")}
+        cfg["rung_decoders"] = sorted(int(k) for k in codec.rung_decoders)
+        torch.save({"model": {k: v.cpu() for k, v in codec.state_dict().items()}, "config": cfg,
                     "step": step}, str(path) + ".tmp")
         os.replace(str(path) + ".tmp", path)
 
     max_s = config["max_minutes"] * 60
+    loss_weights = {"w_time": config["w_time"], "w_mdct": config.get("w_mdct", 1.0), "w_env": config.get("w_env", 0.0)}
     logs_acc: dict[str, list[float]] = {}
 
     def phase_elapsed():
@@ -209,13 +233,15 @@ def train_loop(config: dict) -> None:
                 f"in {time.time() - t0:.0f}s")
         codec.train()
         wav = sampler.batch(config["batch"]).to(device)
-        nq = sample_n_q(len(wav), codec.ladder_n_q, rng, p_full=config.get("p_full", 0.3),
-                        rung_weights=config.get("rung_weights"))
-        loss, logs = forward_train(codec, vq if vq.initialized else None, wav, nq, w_time=config["w_time"],
-                                   w_mdct=config.get("w_mdct", 1.0), w_env=config.get("w_env", 0.0))
+        if rung:
+            loss, logs = forward_rung_decoder(codec, wav, rung, **loss_weights)
+        else:
+            nq = sample_n_q(len(wav), codec.ladder_n_q, rng, p_full=config.get("p_full", 0.3),
+                            rung_weights=config.get("rung_weights"))
+            loss, logs = forward_train(codec, vq if vq.initialized else None, wav, nq, **loss_weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(codec.parameters(), 1.0)
+        gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         for k, v in logs.items():
@@ -224,7 +250,7 @@ def train_loop(config: dict) -> None:
             rec = {k: round(float(np.mean(v)), 4) for k, v in logs_acc.items()}
             rec.update(step=step, lr=round(lr, 6), gnorm=round(float(gn), 3),
                        min=round((time.time() - t_start) / 60, 2))
-            if vq.initialized:
+            if vq.initialized and not rung:  # (frozen codebooks: nothing to report)
                 util = vq.utilisation()
                 rec["util"] = [round(u, 3) for u in util]
                 rec["restarts"] = vq.restarts
@@ -233,14 +259,19 @@ def train_loop(config: dict) -> None:
         if step % config["ckpt_every"] == 0 or step - step0 >= config["steps"]:
             codec.eval()
             with torch.no_grad():
-                _, vlogs = forward_train(codec, vq if vq.initialized else None, val, val_nq)
-            vmel = vlogs["mel"]
+                if rung:  # the training objective at that rung
+                    _, vlogs = forward_rung_decoder(codec, val, rung, **loss_weights)
+                    vmel = vlogs["loss"]
+                else:
+                    _, vlogs = forward_train(codec, vq if vq.initialized else None, val, val_nq)
+                    vmel = vlogs["mel"]
             improved = vq.initialized and vmel < best
             if improved:
                 best = vmel
                 save_weights(out_path)
             save_ckpt()
-            log({"step": step, "val_mel_6kbps": round(vmel, 4), "best": round(best, 4), "saved": improved})
+            log({"step": step, ("val_loss_rung" if rung else "val_mel_6kbps"): round(vmel, 4),
+                 "best": round(best, 4), "saved": improved})
             if ray_ctx is not None:
                 import ray.train
                 ray.train.report({"step": step, "val_mel": vmel, "loss": logs["loss"]})
@@ -267,6 +298,7 @@ def default_config(args) -> dict:
         "init_from": str(args.init_from.resolve()) if args.init_from else None,
         "other_fraction": args.other_fraction, "p_full": args.p_full, "w_env": args.w_env,
         "rung_weights": tuple(args.rung_weights) if args.rung_weights else None,
+        "rung_decoder": args.rung_decoder,
         "cache": str(args.cache.resolve()), "use_ray": not args.no_ray, "cpu": args.cpu,
     }
 
@@ -311,6 +343,8 @@ def main(argv=None) -> None:
                     "trained with the full stack")
     ap.add_argument("--rung-weights", type=float, nargs="+", default=None, help="quantizer dropout: relative "
                     "weight of each ladder rung (1.5 3 6 12 24 kbps), default uniform")
+    ap.add_argument("--rung-decoder", type=int, default=None, metavar="K", help="train only a dedicated "
+                    "decoder for exactly K stages (encoder and codebooks frozen; needs --init-from)")
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--val-segments", type=int, default=16)

@@ -12,6 +12,7 @@ import soundfile as sf
 import torch
 
 from pipeline.codec import metrics, registry
+from pipeline.errors import CodecUnavailableError
 from pipeline.codec.neural import NeuralRvqCodec
 from pipeline.codec.neural_train import EmaRvqTrainer, forward_train, residual_kmeans, sample_n_q
 from pipeline.codec.windows import decode_array, encode_array
@@ -97,6 +98,48 @@ def test_any_prefix_decodes_and_is_deterministic():
     y2 = decode_array(c, codes, x.shape[1])
     assert np.array_equal(y1, y2)
     assert np.array_equal(encode_array(c, x, c.n_q), codes)
+
+
+def _perturbed_rung_codec(k: int = 2, **kw) -> NeuralRvqCodec:
+    c = tiny(**kw)
+    with torch.no_grad():
+        for p in c.add_rung_decoder(k).parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return c
+
+
+def test_rung_decoder_changes_only_its_rung_and_round_trips(tmp_path):
+    """A rung decoder decodes exactly its number of stages; codes and every other rung are untouched, a
+    codec without one hashes as before, and the checkpoint loads back (the registry path included)."""
+    plain = tiny()
+    h0 = plain.checkpoint_hash()
+    assert tiny().checkpoint_hash() == h0 and not any(k.startswith("rung_decoders") for k in plain.state_dict())
+    c = tiny()
+    c.add_rung_decoder(2)  # a copy of the shared decoder: decodes alike until it is trained
+    x = (np.random.default_rng(5).standard_normal((1, RATE)) * 0.1).astype(np.float32)
+    codes = encode_array(plain, x, 8)
+    assert np.array_equal(decode_array(c, codes[:, :2], RATE), decode_array(plain, codes[:, :2], RATE))
+    c = _perturbed_rung_codec(2)
+    assert c.checkpoint_hash() != h0
+    assert np.array_equal(encode_array(c, x, 8), codes)  # same encoder and codebooks: same codes
+    for k in (1, 4, 8):
+        assert np.array_equal(decode_array(c, codes[:, :k], RATE), decode_array(plain, codes[:, :k], RATE))
+    y2 = decode_array(c, codes[:, :2], RATE)
+    assert not np.allclose(y2, decode_array(plain, codes[:, :2], RATE))
+    # windowed decoding still equals whole-signal decoding with the rung decoder (same receptive field)
+    assert np.abs(decode_array(c, codes[:, :2], RATE, window_frames=13) - y2).max() <= 1e-4
+    path = tmp_path / "w.pt"
+    torch.save({"model": c.state_dict()}, path)
+    back = NeuralRvqCodec(width=32, latent_dim=8, dilations=(1, 2), n_q=8, codebook_size=64)
+    back.load_weights(torch.load(path, weights_only=True), str(path))
+    assert sorted(back.rung_decoders) == ["2"] and back.checkpoint_hash() == c.checkpoint_hash()
+    full = random_codec()
+    full.add_rung_decoder(2)
+    torch.save({"model": full.state_dict()}, path)
+    assert registry.load("neural_rvq", path).checkpoint_hash() == full.checkpoint_hash()
+    bad = {k.replace("rung_decoders.2.", "rung_decoders.99."): v for k, v in c.state_dict().items()}
+    with pytest.raises(CodecUnavailableError, match="bad.pt.*n_q"):
+        tiny().load_weights(bad, "bad.pt")
 
 
 # -- training ----------------------------------------------------------------------------------------
@@ -201,6 +244,34 @@ def test_train_job_fine_tunes_from_released_weights(tmp_path):
     tuned = torch.load(tmp_path / "ft.pt", weights_only=True)["model"]
     assert set(tuned) == set(released)
     assert any(not torch.equal(tuned[k], released[k]) for k in released)  # it trained
+
+
+def test_train_job_trains_a_rung_decoder_only(tmp_path):
+    """--rung-decoder K: only the decoder for K stages learns; encoder, codebooks and the shared decoder are
+    exactly the released ones (so codes and other rungs do not change), and the run resumes."""
+    from jobs import train_codec
+    d = _audio_dir(tmp_path)
+    common = ["--data", str(d), "--cache", str(tmp_path / "c.npz"), "--no-ray", *TINY_ARGS]
+    train_codec.main([*common, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "w.pt"), "--steps", "3"])
+    released = torch.load(tmp_path / "w.pt", weights_only=True)["model"]
+    rd = [*common, "--run-dir", str(tmp_path / "rd"), "--out", str(tmp_path / "rd.pt"), "--rung-decoder", "2",
+          "--init-from", str(tmp_path / "w.pt"), "--w-env", "1.0"]
+    train_codec.main([*rd, "--steps", "2"])
+    assert "rung decoder for 2 stages" in (tmp_path / "rd" / "train.log").read_text()
+    train_codec.main([*rd, "--steps", "3", "--resume"])
+    assert torch.load(tmp_path / "rd" / "ckpt.pt", weights_only=False)["step"] == 3
+    w = torch.load(tmp_path / "rd" / "last.pt", weights_only=True)
+    tuned = w["model"]
+    assert w["config"]["rung_decoders"] == [2]
+    extra = set(tuned) - set(released)
+    assert extra and all(k.startswith("rung_decoders.2.") for k in extra)
+    assert all(torch.equal(tuned[k], released[k]) for k in released)  # frozen
+    assert any(not torch.equal(tuned[k], tuned[k.replace("rung_decoders.2.", "decoder.")]) for k in extra)
+    with pytest.raises(ValueError, match="--init-from"):
+        train_codec.main([*common, "--run-dir", str(tmp_path / "x"), "--out", str(tmp_path / "x.pt"),
+                          "--rung-decoder", "2", "--steps", "1"])
+    with pytest.raises(ValueError, match="ladder"):
+        train_codec.main([*rd, "--run-dir", str(tmp_path / "y"), "--rung-decoder", "1", "--steps", "1"])
 
 
 def test_rung_weights_and_envelope_loss():

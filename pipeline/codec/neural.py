@@ -17,13 +17,22 @@ same result as whole-signal processing.
 Training (``jobs/train_codec.py``) runs the same convolutions with zero padding (``pad=True``) so a
 training segment keeps its length; at inference the pipeline supplies the real context instead.
 The bitrate ladder is 1.5/3/6/12/24 kbps = 2/4/8/16/32 stages (quantizer dropout in training).
+
+*Rung decoders*: a checkpoint may carry, beside the shared decoder, a dedicated decoder for one rung
+(``rung_decoders.<K>``, same shape and receptive field), used whenever exactly ``K`` stages are decoded.
+The encoder and codebooks stay shared, so codes are the same; only the low rate's reconstruction is
+specialised (``jobs/train_codec.py --rung-decoder K``). A checkpoint without one loads and hashes as before.
 """
 from __future__ import annotations
+
+import copy
+import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import CodecUnavailableError
 from .base import Codec
 from .mdct import MDCT
 from .rvq import ResidualVQ
@@ -88,7 +97,7 @@ class NeuralRvqCodec(Codec):
     power = 0.5  # companding exponent
 
     def __init__(self, width: int = 256, latent_dim: int = 64, dilations: tuple[int, ...] = (1, 2, 4, 8),
-                 n_q: int = 32, codebook_size: int = 1024):
+                 n_q: int = 32, codebook_size: int = 1024, rung_decoders: tuple[int, ...] = ()):
         super().__init__()
         hop = self.hop_length
         self.n_q = n_q
@@ -101,6 +110,10 @@ class NeuralRvqCodec(Codec):
         # frame of codes (decode_context[1] = 1); the encoder looks ahead instead (samples are free)
         self.decoder = FrameNet(latent_dim, width, hop, dilations, causal=True)
         self.rvq = ResidualVQ(latent_dim, codebook_size, n_q)
+        # dedicated decoders for single rungs (keys: str(n_q)); empty = no extra state, hash unchanged
+        self.rung_decoders = nn.ModuleDict()
+        for k in rung_decoders:
+            self.add_rung_decoder(k)
         # per-bin scale of the companded coefficients (1 / std over training data); set by training
         self.register_buffer("feat_scale", torch.ones(hop))
         (el, er), (dl, dr) = self.encoder.rf, self.decoder.rf
@@ -108,6 +121,33 @@ class NeuralRvqCodec(Codec):
         self.encode_context = (hop + el * hop, er * hop)
         # decode samples [a*hop, b*hop): MDCT frames [a, b] (overlap-add), each from codes [i - dl, i + dr]
         self.decode_context = (dl, dr + 1)
+
+    # -- rung decoders ------------------------------------------------------------------------
+    def add_rung_decoder(self, n_q: int) -> FrameNet:
+        """Add (or return) the dedicated decoder for exactly ``n_q`` stages, initialised as a copy of
+        the shared decoder (so it starts where the shared one is)."""
+        if not 1 <= n_q <= self.n_q:
+            raise ValueError(f"a rung decoder needs 1 <= n_q <= {self.n_q}, got {n_q}")
+        key = str(n_q)
+        if key not in self.rung_decoders:
+            self.rung_decoders[key] = copy.deepcopy(self.decoder)
+        return self.rung_decoders[key]
+
+    def decoder_for(self, n_q: int) -> FrameNet:
+        """The decoder used for ``n_q`` stages: the rung decoder if one exists, else the shared one."""
+        return self.rung_decoders[str(n_q)] if str(n_q) in self.rung_decoders else self.decoder
+
+    def load_weights(self, state: dict, where: str = "checkpoint") -> None:
+        """Load a checkpoint, first adding the rung decoders it carries (``rung_decoders.<K>.*`` keys)."""
+        sd = state["model"] if "model" in state else state
+        for key in sd:
+            m = re.match(r"rung_decoders\.(\d+)\.", key)
+            if m:
+                try:
+                    self.add_rung_decoder(int(m.group(1)))
+                except ValueError as e:
+                    raise CodecUnavailableError(f"{where}: {e}") from None
+        self.load_state_dict(sd)
 
     # -- feature transforms -----------------------------------------------------------------
     def features(self, wav: torch.Tensor) -> torch.Tensor:
@@ -136,7 +176,7 @@ class NeuralRvqCodec(Codec):
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         z = self.rvq.decode(codes)
-        y = self.decoder(z)  # [B, hop, F' - dl - dr] = MDCT frames a .. b (inclusive)
+        y = self.decoder_for(codes.shape[1])(z)  # [B, hop, F' - dl - dr] = MDCT frames a .. b (inclusive)
         return self.synthesize(self.unfeatures(y))
 
     def n_params(self) -> int:

@@ -250,7 +250,6 @@ def forward_train(codec: NeuralRvqCodec, vq: EmaRvqTrainer | None, wav: torch.Te
     ``vq=None`` (or an uninitialised quantizer) trains the plain autoencoder (warm-up).
     Returns ``(loss, logs dict)``.
     """
-    hop = codec.hop_length
     y = codec.features(wav[:, None, :])  # [B, hop, F]
     z = codec.encoder(y, pad=True)
     commit = wav.new_zeros(())
@@ -259,6 +258,33 @@ def forward_train(codec: NeuralRvqCodec, vq: EmaRvqTrainer | None, wav: torch.Te
     else:
         zq = z
     y_hat = codec.decoder(zq, pad=True)
+    loss, logs = reconstruction_loss(codec, wav, y, y_hat, w_mel, w_mdct, w_time, w_env)
+    loss = loss + w_commit * commit
+    logs["commit"] = float(commit.detach())
+    logs["loss"] = loss.item()
+    return loss, logs
+
+
+def forward_rung_decoder(codec: NeuralRvqCodec, wav: torch.Tensor, n_q: int, w_mel: float = 1.0,
+                         w_mdct: float = 1.0, w_time: float = 0.0, w_env: float = 0.0):
+    """Training forward of the dedicated decoder for ``n_q`` stages (``codec.rung_decoders[str(n_q)]``):
+    the encoder and codebooks are frozen (run without gradients), so the codes are exactly what the
+    shipped encoder produces and only that decoder learns. ``wav: [B, (F+1)*hop]``; returns ``(loss, logs)``."""
+    with torch.no_grad():
+        y = codec.features(wav[:, None, :])
+        z = codec.encoder(y, pad=True)
+        zq = codec.rvq.decode(codec.rvq.encode(z, n_q))
+    y_hat = codec.decoder_for(n_q)(zq, pad=True)
+    loss, logs = reconstruction_loss(codec, wav, y, y_hat, w_mel, w_mdct, w_time, w_env)
+    logs["loss"] = loss.item()
+    return loss, logs
+
+
+def reconstruction_loss(codec: NeuralRvqCodec, wav: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor,
+                        w_mel: float, w_mdct: float, w_time: float, w_env: float):
+    """Weighted reconstruction losses of decoded features ``y_hat`` against ``y`` (both ``[B, hop, F]``,
+    normalised companded MDCT) and of the synthesized waveform against ``wav: [B, (F+1)*hop]``."""
+    hop = codec.hop_length
     # companded-domain L1 with perceptual weighting (undo the per-bin normalisation)
     w = perceptual_weight(hop, codec.sample_rate).to(wav.device)
     scale = codec.feat_scale[None, :, None]
@@ -269,8 +295,8 @@ def forward_train(codec: NeuralRvqCodec, vq: EmaRvqTrainer | None, wav: torch.Te
     n = min(rec.shape[1], ref.shape[1])
     rec, ref = rec[:, :n], ref[:, :n]
     mel = multiscale_mel_loss(rec, ref, codec.sample_rate)
-    loss = w_mel * mel + w_mdct * mdct_l1 + w_commit * commit
-    logs = {"mel": mel.item(), "mdct": mdct_l1.item(), "commit": float(commit.detach())}
+    loss = w_mel * mel + w_mdct * mdct_l1
+    logs = {"mel": mel.item(), "mdct": mdct_l1.item()}
     if w_time > 0:
         t = (rec - ref).abs().mean()
         loss = loss + w_time * t
@@ -279,7 +305,6 @@ def forward_train(codec: NeuralRvqCodec, vq: EmaRvqTrainer | None, wav: torch.Te
         e = envelope_correlation_loss(rec, ref, codec.sample_rate)
         loss = loss + w_env * e
         logs["env"] = e.item()
-    logs["loss"] = loss.item()
     return loss, logs
 
 
