@@ -206,7 +206,10 @@ def train_loop(config: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         cfg = {k: config[k] for k in ("width", "latent_dim", "dilations", "n_q", "codebook_size")}
         cfg["rung_decoders"] = sorted(int(k) for k in codec.rung_decoders)
-        torch.save({"model": {k: v.cpu() for k, v in codec.state_dict().items()}, "config": cfg,
+        # rung decoders ship as float16 (half the bytes; loaded back into float32), the rest as trained
+        model = {k: v.cpu().half() if k.startswith("rung_decoders.") and v.is_floating_point() else v.cpu()
+                 for k, v in codec.state_dict().items()}
+        torch.save({"model": model, "config": cfg,
                     "step": step}, str(path) + ".tmp")
         os.replace(str(path) + ".tmp", path)
 
@@ -303,6 +306,33 @@ def default_config(args) -> dict:
     }
 
 
+def combine_rung_decoders(base: Path, rung_files: list[Path], out: Path, log=print) -> Path:
+    """Write ``out``: the weights ``base`` plus the rung decoders trained on it (``--rung-decoder`` runs'
+    weights files), rung decoders as float16. Refuses a rung file whose other tensors differ from ``base``
+    (trained from other weights: its decoder would not match these codes) or that carries no rung decoder."""
+    b = torch.load(base, map_location="cpu", weights_only=True)
+    model = dict(b["model"])
+    rungs = set()
+    for f in rung_files:
+        r = torch.load(f, map_location="cpu", weights_only=True)["model"]
+        extra = {k: v for k, v in r.items() if k.startswith("rung_decoders.")}
+        if not extra:
+            raise ValueError(f"{f}: no rung decoder in it (train one with --rung-decoder K --init-from {base})")
+        for k, v in b["model"].items():
+            if k not in r or not torch.equal(r[k], v):
+                raise ValueError(f"{f}: tensor {k} differs from {base}: it was not trained from those weights "
+                                 f"(--init-from {base})")
+        model.update({k: v.half() if v.is_floating_point() else v for k, v in extra.items()})
+        rungs |= {int(k.split(".")[1]) for k in extra}
+    cfg = dict(b.get("config", {}))
+    cfg["rung_decoders"] = sorted(rungs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model, "config": cfg, "step": b.get("step")}, str(out) + ".tmp")
+    os.replace(str(out) + ".tmp", out)
+    log(f"{out}: {base} + rung decoders {sorted(rungs)} ({out.stat().st_size / 2**20:.1f} MiB)")
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="folder of audio (default: Debian corpus)")
@@ -350,7 +380,15 @@ def main(argv=None) -> None:
     ap.add_argument("--val-segments", type=int, default=16)
     ap.add_argument("--max-speech-files", type=int, default=1200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--combine", type=Path, nargs="+", default=None, metavar=("BASE", "RUNG_WEIGHTS"),
+                    help="no training: write --out = BASE weights + the rung decoders of RUNG_WEIGHTS files "
+                    "(from --rung-decoder runs on BASE)")
     args = ap.parse_args(argv)
+    if args.combine:
+        if len(args.combine) < 2:
+            ap.error("--combine needs BASE and at least one rung-decoder weights file")
+        combine_rung_decoders(args.combine[0], args.combine[1:], args.out)
+        return
     build_cache(args.data, args.cache, max_speech_files=args.max_speech_files)
     config = default_config(args)
     if args.no_ray:

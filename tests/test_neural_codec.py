@@ -266,7 +266,23 @@ def test_train_job_trains_a_rung_decoder_only(tmp_path):
     extra = set(tuned) - set(released)
     assert extra and all(k.startswith("rung_decoders.2.") for k in extra)
     assert all(torch.equal(tuned[k], released[k]) for k in released)  # frozen
-    assert any(not torch.equal(tuned[k], tuned[k.replace("rung_decoders.2.", "decoder.")]) for k in extra)
+    assert all(tuned[k].dtype == torch.float16 for k in extra)  # shipped as float16
+    assert any(not torch.equal(tuned[k], tuned[k.replace("rung_decoders.2.", "decoder.")].half()) for k in extra)
+    back = NeuralRvqCodec(width=16, latent_dim=4, dilations=(1,), n_q=2, codebook_size=16)
+    back.load_weights(w, "last.pt")
+    assert back.rung_decoders["2"].inp.weight.dtype == torch.float32
+    # a release = the base weights + rung decoders trained on them; a rung file from other weights is refused
+    train_codec.main(["--combine", str(tmp_path / "w.pt"), str(tmp_path / "rd" / "last.pt"),
+                      "--out", str(tmp_path / "release.pt")])
+    rel = torch.load(tmp_path / "release.pt", weights_only=True)
+    assert set(rel["model"]) == set(tuned) and rel["config"]["rung_decoders"] == [2]
+    assert all(torch.equal(rel["model"][k], tuned[k]) for k in tuned)
+    train_codec.main([*common, "--run-dir", str(tmp_path / "run2"), "--out", str(tmp_path / "w2.pt"),
+                      "--steps", "3", "--seed", "1"])
+    with pytest.raises(ValueError, match="not trained from those weights"):
+        train_codec.main(["--combine", str(tmp_path / "w2.pt"), str(tmp_path / "rd" / "last.pt"),
+                          "--out", str(tmp_path / "bad.pt")])
+    assert not (tmp_path / "bad.pt").exists()
     with pytest.raises(ValueError, match="--init-from"):
         train_codec.main([*common, "--run-dir", str(tmp_path / "x"), "--out", str(tmp_path / "x.pt"),
                           "--rung-decoder", "2", "--steps", "1"])

@@ -20,8 +20,9 @@ The bitrate ladder is 1.5/3/6/12/24 kbps = 2/4/8/16/32 stages (quantizer dropout
 
 *Rung decoders*: a checkpoint may carry, beside the shared decoder, a dedicated decoder for one rung
 (``rung_decoders.<K>``, same shape and receptive field), used whenever exactly ``K`` stages are decoded.
-The encoder and codebooks stay shared, so codes are the same; only the low rate's reconstruction is
-specialised (``jobs/train_codec.py --rung-decoder K``). A checkpoint without one loads and hashes as before.
+The encoder and codebooks stay shared, so codes are the same; only that rung's reconstruction is
+specialised (``jobs/train_codec.py --rung-decoder K``; stored as float16 in the weights file, run in
+float32). A checkpoint without one loads and hashes as before.
 """
 from __future__ import annotations
 
