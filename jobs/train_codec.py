@@ -92,21 +92,26 @@ class SegmentSampler:
         self.p_group = [1.0 - other_fraction, other_fraction] if len(self.groups) == 2 else [1.0]
         self.rng = np.random.default_rng(seed)
 
-    def one(self) -> np.ndarray:
+    def one(self, rng: np.random.Generator | None = None) -> np.ndarray:
+        rng = self.rng if rng is None else rng
         for _ in range(20):
-            g = self.groups[self.rng.choice(len(self.groups), p=self.p_group)]
+            g = self.groups[rng.choice(len(self.groups), p=self.p_group)]
             w = self.lengths[g].astype(np.float64)
-            i = g[self.rng.choice(len(g), p=w / w.sum())]
-            s = self.offsets[i] + self.rng.integers(0, self.lengths[i] - self.seg)
+            i = g[rng.choice(len(g), p=w / w.sum())]
+            s = self.offsets[i] + rng.integers(0, self.lengths[i] - self.seg)
             x = self.audio[s:s + self.seg].astype(np.float32)
             if np.sqrt(np.mean(x ** 2)) > 3e-3:
                 break
-        gain = 10 ** (self.rng.uniform(-12, 3) / 20)
+        gain = 10 ** (rng.uniform(-12, 3) / 20)
         peak = np.abs(x).max() + 1e-9
         return x * min(gain, 0.99 / peak)
 
-    def batch(self, n: int) -> torch.Tensor:
-        return torch.from_numpy(np.stack([self.one() for _ in range(n)]))
+    def batch(self, n: int, rng: np.random.Generator | None = None) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.one(rng) for _ in range(n)]))
+
+    def validation_batch(self, n: int, seed: int) -> torch.Tensor:
+        """``n`` crops fixed by ``seed`` alone (its own generator), so a resumed run scores the same segments."""
+        return self.batch(n, np.random.default_rng([seed, 0x7A1]))
 
 
 # -- the loop --------------------------------------------------------------------------------------
@@ -191,7 +196,7 @@ def train_loop(config: dict) -> None:
     n_params = codec.n_params()
     log(f"neural_rvq: {n_params / 1e6:.2f}M params, encode_context {codec.encode_context}, "
         f"decode_context {codec.decode_context}, device {device}, threads {torch.get_num_threads()}")
-    val = sampler.batch(config["val_segments"]).to(device)  # fixed (seeded) training segments
+    val = sampler.validation_batch(config["val_segments"], config["seed"]).to(device)  # same after --resume
     val_nq = torch.full((len(val),), min(8, codec.n_q))
     rng = random.Random(config["seed"] + step)
     t_start = time.time() - elapsed

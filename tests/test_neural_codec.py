@@ -218,6 +218,13 @@ def test_train_job_no_ray_and_resume(tmp_path):
     train_codec.main([*common, "--steps", "5", "--resume"])
     ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
     assert ck["step"] == 5
+    # the best-model check scores the same segments after a resume (the sampler's own stream moved on)
+    sampler = train_codec.SegmentSampler(tmp_path / "c.npz", 17 * 320, seed=0)
+    v1 = sampler.validation_batch(2, seed=0)
+    sampler.batch(3)
+    sampler.rng = np.random.default_rng(5)
+    assert torch.equal(sampler.validation_batch(2, seed=0), v1)
+    assert not torch.equal(sampler.validation_batch(2, seed=1), v1)
     assert "resumed from" in (tmp_path / "run" / "train.log").read_text()
     state = torch.load(tmp_path / "w.pt", weights_only=True)["model"]
     c = NeuralRvqCodec(width=16, latent_dim=4, dilations=(1,), n_q=2, codebook_size=16)
