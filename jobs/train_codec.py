@@ -3,8 +3,12 @@
     python -m jobs.train_codec [--data DIR] [--steps N] [--max-minutes M] [--run-dir DIR] [--resume]
                                [--no-ray] [--threads 1] [--out pipeline/codec/weights/neural_rvq.pt]
 
-Runs through Ray Train (``TorchTrainer``, one worker, GPU when one is available) unless ``--no-ray``;
-both paths run the same loop. Training audio: every audio file under ``--data`` (default: the Debian
+Runs through Ray Train (``TorchTrainer``, GPU per worker when the cluster has GPUs) unless ``--no-ray``;
+both paths run the same loop. ``--workers N`` trains data-parallel: each worker draws its own ``--batch``
+segments, gradients are averaged and codebook EMA statistics summed over workers (``torch.distributed``:
+NCCL on GPUs, gloo on CPUs), rank 0 decides when to stop and writes the log and checkpoints (``--run-dir``
+must be storage every worker sees), and the run ends by checking that every replica holds the same
+weights and codebooks. Training audio: every audio file under ``--data`` (default: the Debian
 corpus), minus the held-out split (``corpus.is_heldout``), resampled to 24 kHz mono and cached as one
 ``.npz``. Checkpoints (model, optimizer, quantizer EMA state, step, wall time) go to ``RUN_DIR/ckpt.pt``
 every ``--ckpt-every`` steps; ``--resume`` continues from there. The best model so far (multi-scale mel
@@ -114,6 +118,57 @@ class SegmentSampler:
         return self.batch(n, np.random.default_rng([seed, 0x7A1]))
 
 
+# -- data parallel ---------------------------------------------------------------------------------
+class DataParallel:
+    """Keeps the replicas of a multi-worker run (Ray Train, ``torch.distributed``) identical: gradients are
+    averaged, quantizer statistics summed, and rank 0's decisions and codebook state broadcast. With one
+    worker every method is a no-op, so the single-process loop runs unchanged."""
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
+        self.on = world > 1
+        if self.on:
+            import torch.distributed as dist
+            self.dist = dist
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.on:
+            self.dist.all_reduce(t)
+        return t
+
+    def average_grads(self, params) -> None:
+        if self.on:
+            for p in params:
+                if p.grad is not None:
+                    self.dist.all_reduce(p.grad)
+                    p.grad.div_(self.world)
+
+    def broadcast_(self, *tensors: torch.Tensor) -> None:
+        """Overwrite ``tensors`` on every worker with rank 0's."""
+        if self.on:
+            for t in tensors:
+                self.dist.broadcast(t, 0)
+
+    def decide(self, flag: bool, device) -> bool:
+        """Rank 0's ``flag`` on every worker (e.g. a wall-clock stop, which differs per worker)."""
+        if not self.on:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        self.dist.broadcast(t, 0)
+        return bool(t.item())
+
+    def gather(self, obj) -> list:
+        if not self.on:
+            return [obj]
+        out = [None] * self.world
+        self.dist.all_gather_object(out, obj)
+        return out
+
+
 # -- the loop --------------------------------------------------------------------------------------
 def train_loop(config: dict) -> None:
     """Runs in the Ray Train worker or directly (``--no-ray``)."""
@@ -124,18 +179,23 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(int(config["threads"]))
     torch.manual_seed(config["seed"])
     ray_ctx = None
+    dp = DataParallel()
     if config.get("use_ray"):
         import ray.train
         import ray.train.torch
         ray_ctx = ray.train
         device = ray.train.torch.get_device()
+        ctx = ray.train.get_context()
+        dp = DataParallel(ctx.get_world_rank(), ctx.get_world_size())
     else:
         device = torch.device("cuda" if torch.cuda.is_available() and not config.get("cpu") else "cpu")
-    run_dir = Path(config["run_dir"])
+    run_dir = Path(config["run_dir"])  # with several workers: shared by them (rank 0 writes, all resume)
     run_dir.mkdir(parents=True, exist_ok=True)
-    logf = open(run_dir / "train.log", "a")
+    logf = open(run_dir / "train.log", "a") if dp.main else None
 
     def log(msg):
+        if logf is None:  # other ranks: the run's log is rank 0's
+            return
         line = msg if isinstance(msg, str) else json.dumps(msg)
         print(line, flush=True)
         logf.write(line + "\n")
@@ -146,9 +206,11 @@ def train_loop(config: dict) -> None:
                            codebook_size=config["codebook_size"]).to(device)
     hop = codec.hop_length
     seg = (config["seg_frames"] + 1) * hop
-    sampler = SegmentSampler(Path(config["cache"]), seg, seed=config["seed"],
+    # same initial weights on every worker (seeded above); each draws its own data
+    data_seed = config["seed"] + 1000 * dp.rank
+    sampler = SegmentSampler(Path(config["cache"]), seg, seed=data_seed,
                              other_fraction=config.get("other_fraction", 0.5))
-    vq = EmaRvqTrainer(codec, decay=config["ema_decay"], seed=config["seed"])
+    vq = EmaRvqTrainer(codec, decay=config["ema_decay"], seed=data_seed, reduce=dp.sum_ if dp.on else None)
     rung = config.get("rung_decoder")
     if rung:
         if not (config.get("init_from") or config.get("resume")):
@@ -172,7 +234,7 @@ def train_loop(config: dict) -> None:
         vq.load_state_dict(ck["vq"])
         step, elapsed = ck["step"], ck["elapsed"]
         best = best if config.get("reset_best") else ck.get("best", best)
-        sampler.rng = np.random.default_rng(config["seed"] + step)
+        sampler.rng = np.random.default_rng(data_seed + step)
         log(f"resumed from {ckpt_path} at step {step} ({elapsed / 60:.1f} min)")
     elif rung:
         vq.seed_from_codebooks(config["batch"] * config["seg_frames"])  # frozen: never updated
@@ -191,14 +253,16 @@ def train_loop(config: dict) -> None:
             y = codec.features(sampler.batch(64).to(device)[:, None, :])
             std = y.permute(1, 0, 2).reshape(hop, -1).std(1).clamp_min(1e-4)
             codec.feat_scale.copy_(1.0 / std)
+            dp.broadcast_(codec.feat_scale)
     # --restart-schedule: a fine-tune phase with its own warm-restart cosine over --steps / --max-minutes
     step0, phase_start = (step, time.time()) if config.get("restart_schedule") else (0, None)
     n_params = codec.n_params()
     log(f"neural_rvq: {n_params / 1e6:.2f}M params, encode_context {codec.encode_context}, "
-        f"decode_context {codec.decode_context}, device {device}, threads {torch.get_num_threads()}")
+        f"decode_context {codec.decode_context}, device {device}, threads {torch.get_num_threads()}, "
+        f"workers {dp.world} (batch {config['batch']} each)")
     val = sampler.validation_batch(config["val_segments"], config["seed"]).to(device)  # same after --resume
     val_nq = torch.full((len(val),), min(8, codec.n_q))
-    rng = random.Random(config["seed"] + step)
+    rng = random.Random(data_seed + step)
     t_start = time.time() - elapsed
     out_path = Path(config["out"])
 
@@ -225,7 +289,7 @@ def train_loop(config: dict) -> None:
     def phase_elapsed():
         return time.time() - (phase_start if phase_start is not None else t_start)
 
-    while step - step0 < config["steps"] and phase_elapsed() < max_s:
+    while step - step0 < config["steps"] and dp.decide(phase_elapsed() < max_s, device):
         progress = max((step - step0) / config["steps"], phase_elapsed() / max_s)
         lr = config["lr"] * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
         for g in opt.param_groups:
@@ -237,6 +301,8 @@ def train_loop(config: dict) -> None:
             t0 = time.time()
             vq.kmeans_init(lat.cpu(), iters=config["kmeans_iters"])
             vq.codec.rvq.codebooks.data = vq.codec.rvq.codebooks.to(device)
+            vq.ema_sum, vq.ema_count = vq.ema_sum.to(device), vq.ema_count.to(device)
+            dp.broadcast_(codec.rvq.codebooks, vq.ema_sum, vq.ema_count)  # rank 0's k-means for all
             log(f"step {step}: k-means init of {codec.n_q} codebooks on {len(lat)} latents "
                 f"in {time.time() - t0:.0f}s")
         codec.train()
@@ -249,8 +315,13 @@ def train_loop(config: dict) -> None:
             loss, logs = forward_train(codec, vq if vq.initialized else None, wav, nq, **loss_weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        dp.average_grads(params)
         gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if dp.on and vq.initialized and not rung:
+            # EMA sums were all-reduced, so codebooks agree except where a worker restarted dead codes
+            # from its own batch: rank 0's state wins
+            dp.broadcast_(codec.rvq.codebooks, vq.ema_sum, vq.ema_count)
         step += 1
         for k, v in logs.items():
             logs_acc.setdefault(k, []).append(v)
@@ -264,7 +335,7 @@ def train_loop(config: dict) -> None:
                 rec["restarts"] = vq.restarts
             log(rec)
             logs_acc = {}
-        if step % config["ckpt_every"] == 0 or step - step0 >= config["steps"]:
+        if (step % config["ckpt_every"] == 0 or step - step0 >= config["steps"]) and dp.main:
             codec.eval()
             with torch.no_grad():
                 if rung:  # the training objective at that rung
@@ -280,17 +351,25 @@ def train_loop(config: dict) -> None:
             save_ckpt()
             log({"step": step, ("val_loss_rung" if rung else "val_mel_6kbps"): round(vmel, 4),
                  "best": round(best, 4), "saved": improved})
-            if ray_ctx is not None:
-                import ray.train
-                ray.train.report({"step": step, "val_mel": vmel, "loss": logs["loss"]})
+        if ray_ctx is not None and step % config["ckpt_every"] == 0:
+            import ray.train
+            ray.train.report({"step": step, "loss": logs["loss"], **({"val": vmel} if dp.main else {})})
+    # the replicas must have stayed identical (weights and codebooks)
+    hashes = dp.gather(codec.checkpoint_hash())
+    if len(set(hashes)) != 1:
+        raise RuntimeError(f"data-parallel replicas diverged: checkpoint hashes per rank {hashes}")
+    if dp.on:
+        log(f"{dp.world} workers, replicas identical (checkpoint hash {hashes[0]})")
     # final: always write a checkpoint; the best weights stay at --out
     codec.eval()
-    save_ckpt()
-    if vq.initialized and not out_path.exists():
-        save_weights(out_path)
-    save_weights(run_dir / "last.pt")
+    if dp.main:
+        save_ckpt()
+        if vq.initialized and not out_path.exists():
+            save_weights(out_path)
+        save_weights(run_dir / "last.pt")
     log(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; best val mel {best:.4f}")
-    logf.close()
+    if logf is not None:
+        logf.close()
 
 
 def default_config(args) -> dict:
@@ -307,7 +386,7 @@ def default_config(args) -> dict:
         "other_fraction": args.other_fraction, "p_full": args.p_full, "w_env": args.w_env,
         "rung_weights": tuple(args.rung_weights) if args.rung_weights else None,
         "rung_decoder": args.rung_decoder,
-        "cache": str(args.cache.resolve()), "use_ray": not args.no_ray, "cpu": args.cpu,
+        "cache": str(args.cache.resolve()), "use_ray": not args.no_ray, "cpu": args.cpu, "workers": args.workers,
     }
 
 
@@ -353,7 +432,11 @@ def main(argv=None) -> None:
                     "cosine lr phase of --steps / --max-minutes from the checkpoint (a fine-tune)")
     ap.add_argument("--no-ray", action="store_true", help="run the loop in-process instead of Ray Train")
     ap.add_argument("--cpu", action="store_true")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    ap.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers (one GPU each when the "
+                    "cluster has GPUs); each trains on --batch segments, so the global batch is workers x batch")
+    ap.add_argument("--worker-cpus", type=float, default=None, help="CPUs Ray reserves per worker "
+                    "(default: --threads)")
     ap.add_argument("--steps", type=int, default=100000)
     ap.add_argument("--max-minutes", type=float, default=60.0)
     ap.add_argument("--batch", type=int, default=12)
@@ -389,6 +472,8 @@ def main(argv=None) -> None:
                     help="no training: write --out = BASE weights + the rung decoders of RUNG_WEIGHTS files "
                     "(from --rung-decoder runs on BASE)")
     args = ap.parse_args(argv)
+    if args.workers < 1 or (args.workers > 1 and args.no_ray):
+        ap.error("--workers N needs N >= 1, and more than one worker runs through Ray Train (drop --no-ray)")
     if args.combine:
         if len(args.combine) < 2:
             ap.error("--combine needs BASE and at least one rung-decoder weights file")
@@ -407,8 +492,9 @@ def main(argv=None) -> None:
     use_gpu = bool(ray.cluster_resources().get("GPU", 0)) and not args.cpu
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": args.threads}),
+        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": args.worker_cpus or args.threads,
+                                                           **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(name="neural_rvq", storage_path=str((args.run_dir / "ray").resolve())),
     )
     result = trainer.fit()

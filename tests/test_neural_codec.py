@@ -337,6 +337,31 @@ def test_train_job_ray_train_two_steps(tmp_path):
     assert (tmp_path / "w.pt").exists()
 
 
+@pytest.mark.slow
+def test_train_job_data_parallel_workers_stay_identical(tmp_path):
+    """--workers 2: two Ray Train workers (gloo on CPU) average gradients and sum codebook statistics; the
+    job checks at the end that both replicas hold the same weights and codebooks (the log says so)."""
+    pytest.importorskip("ray.train")
+    import ray
+    from jobs import train_codec
+    d = _audio_dir(tmp_path)
+    shared = ray.is_initialized()
+    try:
+        train_codec.main(["--data", str(d), "--cache", str(tmp_path / "c.npz"), "--run-dir", str(tmp_path / "run"),
+                          "--out", str(tmp_path / "w.pt"), "--steps", "4", *TINY_ARGS, "--workers", "2",
+                          "--worker-cpus", "0.25"])
+    finally:
+        if not shared:
+            ray.shutdown()
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "workers 2" in log and "2 workers, replicas identical" in log
+    assert "k-means init" in log  # the quantizer went live (warm-up 1 step) and stayed in sync after it
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 4 and ck["config"]["workers"] == 2
+    with pytest.raises(SystemExit):
+        train_codec.main(["--no-ray", "--workers", "2"])
+
+
 # -- metrics -----------------------------------------------------------------------------------------
 def test_metrics_identity_and_ranking():
     rng = np.random.default_rng(0)

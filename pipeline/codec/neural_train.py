@@ -25,8 +25,11 @@ class EmaRvqTrainer:
     """
 
     def __init__(self, codec: NeuralRvqCodec, decay: float = 0.99, dead_fraction: float = 0.03,
-                 max_restarts: int = 64, eps: float = 1e-5, seed: int = 0):
+                 max_restarts: int = 64, eps: float = 1e-5, seed: int = 0, reduce=None):
         self.codec = codec
+        #: data parallel: sums a tensor over the workers in place (``torch.distributed.all_reduce``), so the
+        #: EMA statistics count every worker's batch; None for one process
+        self.reduce = reduce
         rvq: ResidualVQ = codec.rvq
         n_q, k, d = rvq.codebooks.shape
         self.decay, self.dead_fraction, self.max_restarts, self.eps = decay, dead_fraction, max_restarts, eps
@@ -113,6 +116,11 @@ class EmaRvqTrainer:
         k = self.ema_count.shape[1]
         counts = torch.bincount(idx, minlength=k).float()
         sums = torch.zeros_like(self.ema_sum[q]).index_add_(0, idx, residual)
+        n_vectors = float(residual.shape[0])
+        if self.reduce is not None:
+            self.reduce(counts)
+            self.reduce(sums)
+            n_vectors = float(counts.sum())
         self.usage[q] += counts
         self.ema_count[q].mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.ema_sum[q].mul_(self.decay).add_(sums, alpha=1 - self.decay)
@@ -121,7 +129,7 @@ class EmaRvqTrainer:
         self.codec.rvq.codebooks[q].copy_(self.ema_sum[q] / smoothed[:, None])
         self.codec.rvq.codebooks[q, 0] = 0.0  # pinned: the padding code decodes as a zero latent
         # dead-code restart (rate-limited)
-        expected = residual.shape[0] / k
+        expected = n_vectors / k
         dead = (self.ema_count[q] < self.dead_fraction * expected).nonzero().flatten()
         dead = dead[dead != 0]
         if len(dead):
