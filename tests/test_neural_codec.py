@@ -137,6 +137,25 @@ def test_rung_decoder_changes_only_its_rung_and_round_trips(tmp_path):
     full.add_rung_decoder(2)
     torch.save({"model": full.state_dict()}, path)
     assert registry.load("neural_rvq", path).checkpoint_hash() == full.checkpoint_hash()
+    # a deepened rung decoder: same function at first, longer look-back (decode_context[0]), same frame count
+    deep = _perturbed_rung_codec(2)
+    before = decode_array(deep, codes[:, :2], RATE)
+    deep.add_rung_decoder(2, extra_blocks=2)
+    assert deep.decode_context[0] > plain.decode_context[0] and deep.decode_context[1] == plain.decode_context[1]
+    assert deep.n_frames(RATE) == plain.n_frames(RATE)
+    assert np.abs(decode_array(deep, codes[:, :2], RATE) - before).max() <= 1e-5
+    with torch.no_grad():
+        for p in deep.rung_decoders["2"].blocks[-2:].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    y_deep = decode_array(deep, codes[:, :2], RATE)
+    assert not np.allclose(y_deep, before)
+    assert np.abs(decode_array(deep, codes[:, :2], RATE, window_frames=13) - y_deep).max() <= 1e-4
+    for k in (1, 4, 8):  # the shared decoder, now given more look-back than it needs, decodes as before
+        assert np.array_equal(decode_array(deep, codes[:, :k], RATE), decode_array(plain, codes[:, :k], RATE))
+    torch.save({"model": deep.state_dict()}, path)
+    back = tiny()
+    back.load_weights(torch.load(path, weights_only=True), str(path))
+    assert back.decode_context == deep.decode_context and back.checkpoint_hash() == deep.checkpoint_hash()
     bad = {k.replace("rung_decoders.2.", "rung_decoders.99."): v for k, v in c.state_dict().items()}
     with pytest.raises(CodecUnavailableError, match="bad.pt.*n_q"):
         tiny().load_weights(bad, "bad.pt")
@@ -290,6 +309,12 @@ def test_train_job_trains_a_rung_decoder_only(tmp_path):
         train_codec.main(["--combine", str(tmp_path / "w2.pt"), str(tmp_path / "rd" / "last.pt"),
                           "--out", str(tmp_path / "bad.pt")])
     assert not (tmp_path / "bad.pt").exists()
+    train_codec.main([*rd, "--run-dir", str(tmp_path / "deep"), "--rung-extra-blocks", "1", "--steps", "1"])
+    deep = torch.load(tmp_path / "deep" / "last.pt", weights_only=True)["model"]
+    assert "rung_decoders.2.blocks.1.conv2.weight" in deep and "decoder.blocks.1.conv1.weight" not in deep
+    c = NeuralRvqCodec(width=16, latent_dim=4, dilations=(1,), n_q=2, codebook_size=16)
+    c.load_weights(deep, "deep.pt")
+    assert c.rung_decoders["2"].blocks[1].dilation == 2 and c.decode_context[0] > c.decoder.rf[0]
     with pytest.raises(ValueError, match="--init-from"):
         train_codec.main([*common, "--run-dir", str(tmp_path / "x"), "--out", str(tmp_path / "x.pt"),
                           "--rung-decoder", "2", "--steps", "1"])

@@ -19,7 +19,8 @@ training segment keeps its length; at inference the pipeline supplies the real c
 The bitrate ladder is 1.5/3/6/12/24 kbps = 2/4/8/16/32 stages (quantizer dropout in training).
 
 *Rung decoders*: a checkpoint may carry, beside the shared decoder, a dedicated decoder for one rung
-(``rung_decoders.<K>``, same shape and receptive field), used whenever exactly ``K`` stages are decoded.
+(``rung_decoders.<K>``: the shared decoder's shape, optionally with more residual blocks: a longer look-back,
+which widens ``decode_context[0]``, never the frame count), used whenever exactly ``K`` stages are decoded.
 The encoder and codebooks stay shared, so codes are the same; only that rung's reconstruction is
 specialised (``jobs/train_codec.py --rung-decoder K``; stored as float16 in the weights file, run in
 float32). A checkpoint without one loads and hashes as before.
@@ -73,8 +74,23 @@ class FrameNet(nn.Module):
         self.blocks = nn.ModuleList(ResBlock(width, d, causal) for d in dilations)
         self.out = nn.Conv1d(width, c_out, 1)
         self.in_trim = (2, 0) if causal else (1, 1)
+        self.causal = causal
+        self._set_rf()
+
+    def _set_rf(self) -> None:
         self.rf = (self.in_trim[0] + sum(b.trim[0] for b in self.blocks),
                    self.in_trim[1] + sum(b.trim[1] for b in self.blocks))
+
+    def deepen(self, n: int) -> None:
+        """Append ``n`` residual blocks, dilations doubling on from the last, each starting as the identity
+        (zero output convolution): the net computes the same function, with more capacity and context."""
+        width = self.inp.out_channels
+        for _ in range(n):
+            b = ResBlock(width, 2 * self.blocks[-1].dilation, self.causal).to(self.inp.weight)
+            nn.init.zeros_(b.conv2.weight)
+            nn.init.zeros_(b.conv2.bias)
+            self.blocks.append(b)
+        self._set_rf()
 
     def forward(self, x: torch.Tensor, pad: bool = False) -> torch.Tensor:
         if pad:
@@ -117,21 +133,31 @@ class NeuralRvqCodec(Codec):
             self.add_rung_decoder(k)
         # per-bin scale of the companded coefficients (1 / std over training data); set by training
         self.register_buffer("feat_scale", torch.ones(hop))
-        (el, er), (dl, dr) = self.encoder.rf, self.decoder.rf
+        el, er = self.encoder.rf
         # encode frames [a, b): MDCT frames [a - el, b + er), MDCT frame i covers [i*hop - hop, i*hop + hop)
         self.encode_context = (hop + el * hop, er * hop)
-        # decode samples [a*hop, b*hop): MDCT frames [a, b] (overlap-add), each from codes [i - dl, i + dr]
+        self._set_decode_context()
+
+    def _set_decode_context(self) -> None:
+        # decode samples [a*hop, b*hop): MDCT frames [a, b] (overlap-add), each from codes [i - dl, i + dr];
+        # the widest decoder sets it (every decoder is causal: dr = 0, so a file's frame count never changes)
+        dl = max(d.rf[0] for d in (self.decoder, *self.rung_decoders.values()))
+        dr = max(d.rf[1] for d in (self.decoder, *self.rung_decoders.values()))
         self.decode_context = (dl, dr + 1)
 
     # -- rung decoders ------------------------------------------------------------------------
-    def add_rung_decoder(self, n_q: int) -> FrameNet:
+    def add_rung_decoder(self, n_q: int, extra_blocks: int = 0) -> FrameNet:
         """Add (or return) the dedicated decoder for exactly ``n_q`` stages, initialised as a copy of
-        the shared decoder (so it starts where the shared one is)."""
+        the shared decoder (so it starts where the shared one is), then deepened by ``extra_blocks``
+        identity-initialised residual blocks (``FrameNet.deepen``: more capacity, longer look-back)."""
         if not 1 <= n_q <= self.n_q:
             raise ValueError(f"a rung decoder needs 1 <= n_q <= {self.n_q}, got {n_q}")
         key = str(n_q)
         if key not in self.rung_decoders:
             self.rung_decoders[key] = copy.deepcopy(self.decoder)
+        if extra_blocks:
+            self.rung_decoders[key].deepen(extra_blocks)
+        self._set_decode_context()
         return self.rung_decoders[key]
 
     def decoder_for(self, n_q: int) -> FrameNet:
@@ -141,13 +167,18 @@ class NeuralRvqCodec(Codec):
     def load_weights(self, state: dict, where: str = "checkpoint") -> None:
         """Load a checkpoint, first adding the rung decoders it carries (``rung_decoders.<K>.*`` keys)."""
         sd = state["model"] if "model" in state else state
+        blocks: dict[int, int] = {}  # rung -> residual blocks in its decoder
         for key in sd:
-            m = re.match(r"rung_decoders\.(\d+)\.", key)
+            m = re.match(r"rung_decoders\.(\d+)\.(?:blocks\.(\d+)\.)?", key)
             if m:
-                try:
-                    self.add_rung_decoder(int(m.group(1)))
-                except ValueError as e:
-                    raise CodecUnavailableError(f"{where}: {e}") from None
+                k = int(m.group(1))
+                blocks[k] = max(blocks.get(k, 0), int(m.group(2)) + 1 if m.group(2) else 0)
+        for k, n in sorted(blocks.items()):
+            try:
+                have = len(self.rung_decoders[str(k)].blocks) if str(k) in self.rung_decoders else len(self.decoder.blocks)
+                self.add_rung_decoder(k, max(0, n - have))
+            except ValueError as e:
+                raise CodecUnavailableError(f"{where}: {e}") from None
         self.load_state_dict(sd)
 
     # -- feature transforms -----------------------------------------------------------------
@@ -177,7 +208,10 @@ class NeuralRvqCodec(Codec):
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         z = self.rvq.decode(codes)
-        y = self.decoder_for(codes.shape[1])(z)  # [B, hop, F' - dl - dr] = MDCT frames a .. b (inclusive)
+        dec = self.decoder_for(codes.shape[1])
+        y = dec(z)
+        if dec.rf[0] < self.decode_context[0]:  # a decoder with less look-back than the widest one
+            y = y[..., self.decode_context[0] - dec.rf[0]:]  # [B, hop, F' - dl - dr] = MDCT frames a .. b (inclusive)
         return self.synthesize(self.unfeatures(y))
 
     def n_params(self) -> int:
