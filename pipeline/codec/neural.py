@@ -175,7 +175,7 @@ class NeuralRvqCodec(Codec):
                 blocks[k] = max(blocks.get(k, 0), int(m.group(2)) + 1 if m.group(2) else 0)
         for k, n in sorted(blocks.items()):
             try:
-                have = len(self.rung_decoders[str(k)].blocks) if str(k) in self.rung_decoders else len(self.decoder.blocks)
+                have = len((self.rung_decoders[str(k)] if str(k) in self.rung_decoders else self.decoder).blocks)
                 self.add_rung_decoder(k, max(0, n - have))
             except ValueError as e:
                 raise CodecUnavailableError(f"{where}: {e}") from None
@@ -209,9 +209,8 @@ class NeuralRvqCodec(Codec):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         z = self.rvq.decode(codes)
         dec = self.decoder_for(codes.shape[1])
-        y = dec(z)
-        if dec.rf[0] < self.decode_context[0]:  # a decoder with less look-back than the widest one
-            y = y[..., self.decode_context[0] - dec.rf[0]:]  # [B, hop, F' - dl - dr] = MDCT frames a .. b (inclusive)
+        # a decoder with less look-back than the widest one skips the codes it does not read
+        y = dec(z[..., self.decode_context[0] - dec.rf[0]:])  # [B, hop, F' - dl - dr] = MDCT frames a .. b
         return self.synthesize(self.unfeatures(y))
 
     def n_params(self) -> int:
