@@ -1,6 +1,6 @@
 """Train the ``neural_rvq`` codec (MDCT-domain conv autoencoder + EMA residual VQ).
 
-    python -m jobs.train_codec [--data DIR] [--steps N] [--max-minutes M] [--run-dir DIR] [--resume]
+    python -m jobs.train_codec [--data DIR|URL] [--steps N] [--max-minutes M] [--run-dir DIR] [--resume]
                                [--no-ray] [--threads 1] [--out pipeline/codec/weights/neural_rvq.pt]
 
 Runs through Ray Train (``TorchTrainer``, GPU per worker when the cluster has GPUs) unless ``--no-ray``;
@@ -8,8 +8,8 @@ both paths run the same loop. ``--workers N`` trains data-parallel: each worker 
 segments, gradients are averaged and codebook EMA statistics summed over workers (``torch.distributed``:
 NCCL on GPUs, gloo on CPUs), rank 0 decides when to stop and writes the log and checkpoints (``--run-dir``
 must be storage every worker sees), and the run ends by checking that every replica holds the same
-weights and codebooks. Training audio: every audio file under ``--data`` (default: the Debian
-corpus), minus the held-out split (``corpus.is_heldout``), resampled to 24 kHz mono and cached as one
+weights and codebooks. Training audio: every audio file under ``--data`` (a folder or a URL prefix such
+as ``s3://bucket/audio/``; default: the Debian corpus), minus the held-out split (``corpus.is_heldout``), resampled to 24 kHz mono and cached as one
 ``.npz``. Checkpoints (model, optimizer, quantizer EMA state, step, wall time) go to ``RUN_DIR/ckpt.pt``
 every ``--ckpt-every`` steps; ``--resume`` continues from there. The best model so far (multi-scale mel
 loss at 6 kbps on a fixed set of training segments) is written to ``--out`` as ``{"model": state_dict}``.
@@ -36,14 +36,29 @@ SEG_FRAMES = 112  # frames per training segment (~1.5 s)
 
 
 # -- data ------------------------------------------------------------------------------------------
-def build_cache(data: Path | None, cache: Path, rate: int = 24000, max_seconds_per_file: float = 120.0,
+def training_files(data: str | Path | None) -> list[str]:
+    """Audio files of ``data`` (a folder, or a URL prefix such as ``s3://bucket/audio/``; default: the Debian
+    corpus) minus the held-out split (``corpus.is_heldout``, by name hash)."""
+    from pipeline import corpus, storage
+    if data is None or storage.is_local(str(data)):
+        root = Path(storage.local_path(str(data))) if data is not None else corpus.fetch()
+        files = [str(p) for p in corpus.audio_files(root)]
+    else:
+        files = [o.uri for o in storage.walk_files(str(data), corpus.AUDIO_EXTENSIONS)]
+    return [f for f in files if not corpus.is_heldout(f)]
+
+
+def build_cache(data: str | Path | None, cache: Path, rate: int = 24000, max_seconds_per_file: float = 120.0,
                 max_speech_files: int = 1200, seed: int = 0, log=print) -> Path:
-    """Decode the training split of ``data`` to 24 kHz mono float16 and save ``cache`` (.npz)."""
-    from pipeline import audio, corpus
+    """Decode the training split of ``data`` (folder or URL; see ``training_files``) to 24 kHz mono float16
+    and save ``cache`` (.npz). Remote files are downloaded one at a time for decoding."""
+    from pipeline import audio, corpus, storage
     if cache.exists():
         return cache
-    root = Path(data) if data else corpus.fetch()
-    files = [p for p in corpus.audio_files(root) if not corpus.is_heldout(p)]
+    files = training_files(data)
+    if not files:
+        raise ValueError(f"no training audio under {data}: expected {', '.join(corpus.AUDIO_EXTENSIONS)} files "
+                         "outside the held-out split")
     music = [p for p in files if corpus.kind_of(p) == "music"]
     other = [p for p in files if corpus.kind_of(p) != "music"]
     rng = random.Random(seed)
@@ -53,7 +68,8 @@ def build_cache(data: Path | None, cache: Path, rate: int = 24000, max_seconds_p
     t0 = time.time()
     for p in music + other:
         try:
-            x, _ = audio.load(str(p), rate, mono=True)
+            with storage.open_input(p) as (local, _):
+                x, _ = audio.load(local, rate, mono=True)
         except Exception as e:  # a broken file is skipped, not fatal
             log(f"skip {p}: {e}")
             continue
@@ -67,6 +83,9 @@ def build_cache(data: Path | None, cache: Path, rate: int = 24000, max_seconds_p
         arrays.append(x.astype(np.float16))
         kinds.append(corpus.kind_of(p))
         names.append(str(p))
+    if not arrays:
+        raise ValueError(f"none of the {len(files)} training files under {data} could be decoded (see the "
+                         "'skip' lines above)")
     cache.parent.mkdir(parents=True, exist_ok=True)
     lengths = np.array([len(a) for a in arrays])
     np.savez(cache, audio=np.concatenate(arrays), lengths=lengths, kinds=np.array(kinds), names=np.array(names))
@@ -419,7 +438,8 @@ def combine_rung_decoders(base: Path, rung_files: list[Path], out: Path, log=pri
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=None, help="folder of audio (default: Debian corpus)")
+    ap.add_argument("--data", default=None, help="folder or URL prefix (s3://...) of audio (default: the "
+                    "Debian corpus)")
     ap.add_argument("--cache", type=Path, default=Path(".data/train_24k.npz"))
     ap.add_argument("--run-dir", type=Path, default=Path(".data/runs/neural_rvq"))
     ap.add_argument("--out", type=Path, default=Path("pipeline/codec/weights/neural_rvq.pt"))

@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 
 from pipeline.codec import metrics, registry
-from pipeline.errors import CodecUnavailableError
+from pipeline.errors import CodecUnavailableError, StorageError
 from pipeline.codec.neural import NeuralRvqCodec
 from pipeline.codec.neural_train import EmaRvqTrainer, forward_train, residual_kmeans, sample_n_q
 from pipeline.codec.windows import decode_array, encode_array
@@ -248,6 +248,35 @@ def test_train_job_no_ray_and_resume(tmp_path):
     state = torch.load(tmp_path / "w.pt", weights_only=True)["model"]
     c = NeuralRvqCodec(width=16, latent_dim=4, dilations=(1,), n_q=2, codebook_size=16)
     c.load_state_dict(state)
+
+
+def test_train_job_reads_audio_from_object_storage(tmp_path, s3_prefix):
+    """--data s3://...: training audio listed and fetched from the bucket (the session's SeaweedFS server),
+    the held-out split applied to the object names as to local ones."""
+    from jobs import train_codec
+    from pipeline import corpus
+    from tests.s3_fixtures import upload_tree
+    d = _audio_dir(tmp_path)
+    (d / "notes.txt").write_text("not audio")
+    upload_tree(str(d), s3_prefix)
+    files = train_codec.training_files(s3_prefix)
+    every = [f"{s3_prefix}/clip{i}.wav" for i in range(6)]
+    assert files and files == [f for f in every if not corpus.is_heldout(f)]
+    train_codec.main(["--data", s3_prefix, "--cache", str(tmp_path / "c.npz"), "--run-dir", str(tmp_path / "run"),
+                      "--out", str(tmp_path / "w.pt"), "--no-ray", "--steps", "2", *TINY_ARGS])
+    cached = np.load(tmp_path / "c.npz")
+    assert len(cached["lengths"]) == len(files) and all(str(n).startswith(s3_prefix) for n in cached["names"])
+    assert (tmp_path / "w.pt").exists()
+    with pytest.raises(StorageError, match="holds no objects"):
+        train_codec.build_cache(f"{s3_prefix}-empty/", tmp_path / "none.npz")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no training audio"):
+        train_codec.build_cache(tmp_path / "empty", tmp_path / "none.npz")
+    (tmp_path / "broken").mkdir()
+    for i in range(4):
+        (tmp_path / "broken" / f"b{i}.wav").write_bytes(b"RIFF....WAVEnot really")
+    with pytest.raises(ValueError, match="could be decoded"):
+        train_codec.build_cache(tmp_path / "broken", tmp_path / "broken.npz", log=lambda m: None)
 
 
 def test_train_job_fine_tunes_from_released_weights(tmp_path):
