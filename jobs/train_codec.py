@@ -436,7 +436,7 @@ def combine_rung_decoders(base: Path, rung_files: list[Path], out: Path, log=pri
     return out
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="folder or URL prefix (s3://...) of audio (default: the "
                     "Debian corpus)")
@@ -493,6 +493,11 @@ def main(argv=None) -> None:
     ap.add_argument("--combine", type=Path, nargs="+", default=None, metavar=("BASE", "RUNG_WEIGHTS"),
                     help="no training: write --out = BASE weights + the rung decoders of RUNG_WEIGHTS files "
                     "(from --rung-decoder runs on BASE)")
+    return ap
+
+
+def main(argv=None) -> None:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.workers < 1 or (args.workers > 1 and args.no_ray):
         ap.error("--workers N needs N >= 1, and more than one worker runs through Ray Train (drop --no-ray)")

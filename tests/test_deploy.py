@@ -58,6 +58,32 @@ def test_rayjob_entrypoints_name_real_modules_and_options(name, module, cmd):
     build_parser().parse_args([cmd, *argv[3:]])  # parses as the CLI would
 
 
+def test_train_rayjob_gives_every_worker_a_gpu_and_the_shared_run_dir():
+    """The training RayJob: its entrypoint parses with train_codec's own parser; the GPU group is fixed at
+    --workers replicas (the driver reads the cluster's GPUs when it starts); every pod mounts the one
+    ReadWriteMany claim that holds --run-dir, --cache and --out (rank 0 checkpoints, all ranks resume)."""
+    from jobs import train_codec
+    pvc, job = docs("rayjob-train.yaml")
+    assert pvc["kind"] == "PersistentVolumeClaim" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "jobs.train_codec"]
+    args = train_codec.build_parser().parse_args(argv[3:])
+    assert args.resume and args.data.startswith("s3://")
+    spec = job["spec"]["rayClusterSpec"]
+    gpu = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu")
+    assert gpu["minReplicas"] == gpu["replicas"] == gpu["maxReplicas"] == args.workers
+    pod = gpu["template"]["spec"]
+    c = pod["containers"][0]
+    assert int(c["resources"]["limits"]["nvidia.com/gpu"]) == 1
+    assert float(c["resources"]["limits"]["cpu"]) >= args.worker_cpus
+    for p in (spec["headGroupSpec"]["template"]["spec"], pod):
+        claim = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in p["volumes"]}
+        (mount,) = [m for m in p["containers"][0]["volumeMounts"] if claim.get(m["name"]) == pvc["metadata"]["name"]]
+        for path in (args.run_dir, args.cache, args.out):
+            assert str(path).startswith(mount["mountPath"] + "/"), path
+
+
 def test_podmonitors_scrape_head_and_workers_metrics_port():
     pms = docs("podmonitors.yaml")
     assert {d["kind"] for d in pms} == {"PodMonitor"}
