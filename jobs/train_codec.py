@@ -9,9 +9,9 @@ segments, gradients are averaged and codebook EMA statistics summed over workers
 NCCL on GPUs, gloo on CPUs), rank 0 decides when to stop and writes the log and checkpoints (``--run-dir``
 must be storage every worker sees), and the run ends by checking that every replica holds the same
 weights and codebooks. Training audio: every audio file under ``--data`` (a folder or a URL prefix such
-as ``s3://bucket/audio/``; default: the Debian corpus), minus the held-out split (``corpus.is_heldout``), resampled to 24 kHz mono and cached as one
-``.npz``. Checkpoints (model, optimizer, quantizer EMA state, step, wall time) go to ``RUN_DIR/ckpt.pt``
-every ``--ckpt-every`` steps; ``--resume`` continues from there. The best model so far (multi-scale mel
+as ``s3://bucket/audio/``; default: the Debian corpus), minus the held-out split (``corpus.is_heldout``),
+resampled to 24 kHz mono and cached as one ``.npz``. Checkpoints (model, optimizer, quantizer EMA state,
+step, wall time) go to ``RUN_DIR/ckpt.pt`` every ``--ckpt-every`` steps; ``--resume`` continues from there. The best model so far (multi-scale mel
 loss at 6 kbps on a fixed set of training segments) is written to ``--out`` as ``{"model": state_dict}``.
 
 ``--rung-decoder K --init-from WEIGHTS`` trains only a dedicated decoder for exactly K stages (see
@@ -302,7 +302,8 @@ def train_loop(config: dict) -> None:
         os.replace(str(path) + ".tmp", path)
 
     max_s = config["max_minutes"] * 60
-    loss_weights = {"w_time": config["w_time"], "w_mdct": config.get("w_mdct", 1.0), "w_env": config.get("w_env", 0.0)}
+    loss_weights = {"w_time": config["w_time"], "w_mdct": config.get("w_mdct", 1.0),
+                    "w_env": config.get("w_env", 0.0)}
     logs_acc: dict[str, list[float]] = {}
 
     def phase_elapsed():
