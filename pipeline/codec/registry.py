@@ -52,7 +52,8 @@ register(CodecSpec("mdct_rvq", "MDCT frames + residual k-means codebooks learned
 
 register(CodecSpec("neural_rvq", "MDCT-domain conv autoencoder + 32-stage RVQ, trained (1.5-24 kbps)",
                    _neural_rvq, WEIGHTS_DIR / "neural_rvq.pt",
-                   previous_weights=(WEIGHTS_DIR / "neural_rvq-9575b629.pt", WEIGHTS_DIR / "neural_rvq-12874cf9.pt")))
+                   previous_weights=(WEIGHTS_DIR / "neural_rvq-172a476e.pt", WEIGHTS_DIR / "neural_rvq-9575b629.pt",
+                                     WEIGHTS_DIR / "neural_rvq-12874cf9.pt")))
 
 
 def _encodec_24khz() -> Codec:
