@@ -11,8 +11,9 @@ must be storage every worker sees), and the run ends by checking that every repl
 weights and codebooks. Training audio: every audio file under ``--data`` (a folder or a URL prefix such
 as ``s3://bucket/audio/``; default: the Debian corpus), minus the held-out split (``corpus.is_heldout``),
 resampled to 24 kHz mono and cached as one ``.npz``. Checkpoints (model, optimizer, quantizer EMA state,
-step, wall time) go to ``RUN_DIR/ckpt.pt`` every ``--ckpt-every`` steps; ``--resume`` continues from there. The best model so far (multi-scale mel
-loss at 6 kbps on a fixed set of training segments) is written to ``--out`` as ``{"model": state_dict}``.
+step, wall time) go to ``RUN_DIR/ckpt.pt`` every ``--ckpt-every`` steps; ``--resume`` continues from there.
+The best model so far (multi-scale mel loss at 6 kbps on a fixed set of training segments) is written to
+``--out`` as ``{"model": state_dict}``.
 
 ``--rung-decoder K --init-from WEIGHTS`` trains only a dedicated decoder for exactly K stages (see
 ``pipeline/codec/neural.py``), started as a copy of the shared decoder; the encoder and codebooks are
@@ -135,6 +136,13 @@ class SegmentSampler:
     def validation_batch(self, n: int, seed: int) -> torch.Tensor:
         """``n`` crops fixed by ``seed`` alone (its own generator), so a resumed run scores the same segments."""
         return self.batch(n, np.random.default_rng([seed, 0x7A1]))
+
+
+def shipping_state(model: dict) -> dict:
+    """A state dict as weights files store it: rung decoders as float16 (half the bytes; loaded back into
+    float32), every other tensor as trained, all on the CPU."""
+    return {k: v.cpu().half() if k.startswith("rung_decoders.") and v.is_floating_point() else v.cpu()
+            for k, v in model.items()}
 
 
 # -- data parallel ---------------------------------------------------------------------------------
@@ -294,10 +302,7 @@ def train_loop(config: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         cfg = {k: config[k] for k in ("width", "latent_dim", "dilations", "n_q", "codebook_size")}
         cfg["rung_decoders"] = sorted(int(k) for k in codec.rung_decoders)
-        # rung decoders ship as float16 (half the bytes; loaded back into float32), the rest as trained
-        model = {k: v.cpu().half() if k.startswith("rung_decoders.") and v.is_floating_point() else v.cpu()
-                 for k, v in codec.state_dict().items()}
-        torch.save({"model": model, "config": cfg,
+        torch.save({"model": shipping_state(codec.state_dict()), "config": cfg,
                     "step": step}, str(path) + ".tmp")
         os.replace(str(path) + ".tmp", path)
 
@@ -321,7 +326,6 @@ def train_loop(config: dict) -> None:
             t0 = time.time()
             vq.kmeans_init(lat.cpu(), iters=config["kmeans_iters"])
             vq.codec.rvq.codebooks.data = vq.codec.rvq.codebooks.to(device)
-            vq.ema_sum, vq.ema_count = vq.ema_sum.to(device), vq.ema_count.to(device)
             dp.broadcast_(codec.rvq.codebooks, vq.ema_sum, vq.ema_count)  # rank 0's k-means for all
             log(f"step {step}: k-means init of {codec.n_q} codebooks on {len(lat)} latents "
                 f"in {time.time() - t0:.0f}s")
@@ -426,7 +430,7 @@ def combine_rung_decoders(base: Path, rung_files: list[Path], out: Path, log=pri
             if k not in r or not torch.equal(r[k], v):
                 raise ValueError(f"{f}: tensor {k} differs from {base}: it was not trained from those weights "
                                  f"(--init-from {base})")
-        model.update({k: v.half() if v.is_floating_point() else v for k, v in extra.items()})
+        model.update(shipping_state(extra))
         rungs |= {int(k.split(".")[1]) for k in extra}
     cfg = dict(b.get("config", {}))
     cfg["rung_decoders"] = sorted(rungs)
