@@ -21,8 +21,19 @@ EXIT_PARTIAL = 3
 EXIT_QUALITY = 4
 
 
+# Results go to the stdout the command was started with; while a command runs, sys.stdout points at
+# stderr, because Ray's driver thread prints cluster warnings ("(raylet) WARNING: ...") to sys.stdout
+# at any moment, and they must not land inside `--json` output piped to another program.
+_result_stream = None
+
+
+def _say(*parts, **kw) -> None:
+    """Print a result line (never a diagnostic) to the command's real stdout."""
+    print(*parts, file=_result_stream or sys.stdout, **kw)
+
+
 def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+    _say(json.dumps(obj, indent=2, default=str))
 
 
 def _human_bytes(n: float) -> str:
@@ -68,20 +79,20 @@ def cmd_encode(args) -> int:
     if args.json:
         _print_json(s.to_json())
     else:
-        print(f"archived {s.files_archived}/{s.files_total} files ({s.files_skipped} unchanged, "
+        _say(f"archived {s.files_archived}/{s.files_total} files ({s.files_skipped} unchanged, "
               f"{s.files_failed} failed), {s.audio_seconds / 3600:.3f} h of audio in {s.wall_seconds:.1f} s "
               f"({s.x_realtime:.1f}x realtime)")
-        print(f"codec {s.codec} at {s.bitrate_kbps:g} kbps/channel: {_human_bytes(s.source_bytes)} -> "
+        _say(f"codec {s.codec} at {s.bitrate_kbps:g} kbps/channel: {_human_bytes(s.source_bytes)} -> "
               f"{_human_bytes(s.archive_bytes)} (ratio {s.compression_ratio:g}, vs 16-bit PCM "
               f"{s.pcm_compression_ratio:g}; {s.effective_kbps:g} kbps stored)")
         for f in s.failures:
-            print(f"FAILED {f['reason']}")
+            _say(f"FAILED {f['reason']}")
         if s.quality:
             _print_quality(s.quality["summary"], s.quality["violations"])
-        print(f"archive: {s.archive}")
-        print(f"report:  {s.report}")
+        _say(f"archive: {s.archive}")
+        _say(f"report:  {s.report}")
         if s.quality:
-            print(f"quality: {s.quality['report']}")
+            _say(f"quality: {s.quality['report']}")
     if s.quality and s.quality["violations"]:
         return EXIT_QUALITY
     return EXIT_PARTIAL if s.files_failed else EXIT_OK
@@ -97,10 +108,10 @@ def _print_quality(summary: dict, violations: list[dict]) -> None:
     keys = [("mel", "mel"), ("si_sdr", "SI-SDR dB"), ("stoi", "STOI"), ("visqol", "ViSQOL"),
             ("compression_ratio", "ratio")]
     vals = ", ".join(f"{label} {summary[k]['median']:.3g}" for k, label in keys if k in summary)
-    print(f"quality: {summary['files_measured']}/{summary['files_sampled']} sampled files measured "
+    _say(f"quality: {summary['files_measured']}/{summary['files_sampled']} sampled files measured "
           f"(medians: {vals}); {summary['files_bad_pairs']} bad pairs")
     for v in violations:
-        print(f"BELOW QUALITY FLOOR {v['source']}: {', '.join(v['failed'])}")
+        _say(f"BELOW QUALITY FLOOR {v['source']}: {', '.join(v['failed'])}")
 
 
 def cmd_quality(args) -> int:
@@ -112,7 +123,7 @@ def cmd_quality(args) -> int:
                      "report": r.report})
     else:
         _print_quality(r.summary, r.violations)
-        print(f"table:  {r.table}\nreport: {r.report}")
+        _say(f"table:  {r.table}\nreport: {r.report}")
     return EXIT_QUALITY if r.violations else EXIT_OK
 
 
@@ -131,9 +142,9 @@ def cmd_ls(args) -> int:
     if args.json:
         _print_json(rows)
         return EXIT_OK
-    print(f"{'status':9} {'duration':>9} {'rate':>6} {'ch':>2} {'bytes':>10} {'codes':>9}  path")
+    _say(f"{'status':9} {'duration':>9} {'rate':>6} {'ch':>2} {'bytes':>10} {'codes':>9}  path")
     for r in rows:
-        print(f"{r['status']:9} {r['duration_s']:9.2f} {r['sample_rate']:6d} {r['channels']:2d} "
+        _say(f"{r['status']:9} {r['duration_s']:9.2f} {r['sample_rate']:6d} {r['channels']:2d} "
               f"{_human_bytes(r['bytes']):>10} {_human_bytes(r['archive_bytes']):>9}  {r['relpath']}"
               + (f"  ({r['reason']})" if r["reason"] else ""))
     return EXIT_OK
@@ -146,16 +157,16 @@ def cmd_inspect(args) -> int:
         _print_json(d)
         return EXIT_OK
     c = d["codec"]
-    print(f"archive        {d['archive']}  ({d['format']} format {d['format_version']}, "
+    _say(f"archive        {d['archive']}  ({d['format']} format {d['format_version']}, "
           f"{d['generations']} generations)")
-    print(f"codec          {c['name']} v{c['version']} checkpoint {c['checkpoint_hash']}, {c['n_q']} stages")
-    print(f"bitrate        {d['bitrate_kbps']:g} kbps per channel nominal, {d['effective_kbps']:g} kbps stored")
-    print(f"files          {d['files']} ({d['files_archived']} archived, {d['files_failed']} failed)")
-    print(f"audio          {d['hours']:.3f} h")
-    print(f"size           {_human_bytes(d['source_bytes'])} -> {_human_bytes(d['archive_bytes'])} "
+    _say(f"codec          {c['name']} v{c['version']} checkpoint {c['checkpoint_hash']}, {c['n_q']} stages")
+    _say(f"bitrate        {d['bitrate_kbps']:g} kbps per channel nominal, {d['effective_kbps']:g} kbps stored")
+    _say(f"files          {d['files']} ({d['files_archived']} archived, {d['files_failed']} failed)")
+    _say(f"audio          {d['hours']:.3f} h")
+    _say(f"size           {_human_bytes(d['source_bytes'])} -> {_human_bytes(d['archive_bytes'])} "
           f"(ratio {d['compression_ratio']:g})")
     for f in d["failures"]:
-        print(f"failed         {f['reason']}")
+        _say(f"failed         {f['reason']}")
     return EXIT_OK
 
 
@@ -168,7 +179,7 @@ def cmd_restore(args) -> int:
         _print_json(out)
     else:
         for r in out:
-            print(f"{r['source']} -> {r['path']}")
+            _say(f"{r['source']} -> {r['path']}")
     return EXIT_OK
 
 
@@ -180,15 +191,15 @@ def cmd_codecs(args) -> int:
         return EXIT_OK
     for r in rows:
         if "unavailable" in r:
-            print(f"{r['name']:14} unavailable: {r['unavailable']}")
+            _say(f"{r['name']:14} unavailable: {r['unavailable']}")
             continue
         rates = ", ".join(f"{b:g}" for b in r["bitrates_kbps"])
         per = "per channel" if r["channels"] == 1 else f"per {r['channels']}-channel stream"
-        print(f"{r['name']:14}{' (default)' if r['default'] else ''} {r['sample_rate']} Hz, "
+        _say(f"{r['name']:14}{' (default)' if r['default'] else ''} {r['sample_rate']} Hz, "
               f"{r['frame_rate']:g} frames/s, {r['codebook_size']}-entry codebooks x {r['n_q']}; "
               f"kbps {per}: {rates}\n{'':14} {r['description']}")
         if r["needs_weights"]:
-            print(f"{'':14} needs --codec-weights PATH: {r['weights']}")
+            _say(f"{'':14} needs --codec-weights PATH: {r['weights']}")
     return EXIT_OK
 
 
@@ -332,17 +343,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. For the commands that print results (those with ``--json``) sys.stdout points
+    at stderr while they run; as the process entrypoint (``argv`` None) it stays so after the results
+    are written, so Ray's shutdown cannot append to them; an in-process caller gets its sys.stdout back."""
+    global _result_stream
+    entrypoint = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in JOB_COMMANDS:
         return cmd_job(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
+    if not hasattr(args, "json"):  # demo, dev-s3, monitor: human-facing output, no results to keep clean
+        return _run(args, argv)
+    _result_stream, saved = sys.stdout, sys.stdout
+    sys.stdout = sys.stderr
+    try:
+        return _run(args, argv)
+    finally:
+        _result_stream.flush()
+        _result_stream = None
+        if not entrypoint:
+            sys.stdout = saved
+
+
+def _run(args, argv: list[str]) -> int:
     if getattr(args, "s3_endpoint", None):
         os.environ["AUDIOARC_S3_ENDPOINT"] = args.s3_endpoint  # read by storage and passed on to Ray workers
     try:
         from .cluster import is_job_server
         if is_job_server(getattr(args, "address", None)):
             from .cluster import submit
-            return submit(argv, args.address)
+            return submit(argv, args.address, out=_result_stream)
         return args.fn(args)
     except AudioarcError as e:
         print(f"audioarc: error: {e}", file=sys.stderr)

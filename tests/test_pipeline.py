@@ -277,3 +277,33 @@ def test_format_1_0_archive_still_restores_and_grows(tmp_path, cli):
     assert cli.json("encode", src, dest, "--quality-sample", "0")["files_archived"] == 2
     assert cli.json("inspect", dest)["format_version"] == archive.FORMAT_VERSION
     assert len(cli.json("restore", dest, tmp_path / "c")) == 2
+
+
+def test_json_stdout_stays_clean_while_ray_prints_cluster_warnings(tmp_path, cli):
+    """Ray's driver thread prints cluster warnings ("(raylet) WARNING: ...") to sys.stdout whenever they
+    arrive; `audioarc encode --json | jq` must still get one JSON document, the warnings on stderr."""
+    import threading
+
+    import ray
+    from ray._private.utils import publish_error_to_driver
+
+    af.write(tmp_path / "src" / "x.wav", 1.0, 16000)
+    gcs = ray._private.worker.global_worker.gcs_client
+    stop = threading.Event()
+
+    def warn() -> None:  # what the raylet does, e.g. when it starts many worker processes
+        while not stop.is_set():
+            publish_error_to_driver("worker_pool_large", "WARNING: test cluster warning", gcs)
+            stop.wait(0.05)
+
+    t = threading.Thread(target=warn, daemon=True)
+    t.start()
+    try:
+        s = cli.json("encode", tmp_path / "src", tmp_path / "arc", "--quality-sample", "0")
+        err = cli.last_err
+        rows = cli.json("ls", tmp_path / "arc")
+    finally:
+        stop.set()
+        t.join()
+    assert s["files_archived"] == 1 and [r["status"] for r in rows] == ["archived"]
+    assert "test cluster warning" in err  # not lost: the user still sees them
