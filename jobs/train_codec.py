@@ -247,7 +247,7 @@ def train_loop(config: dict) -> None:
         if config.get("init_from"):  # load before adding, so a missing rung decoder starts as the shared one
             state = torch.load(config["init_from"], map_location=device, weights_only=True)
             codec.load_weights(state, str(config["init_from"]))
-        codec.add_rung_decoder(rung, config.get("rung_extra_blocks", 0))
+        codec.add_rung_decoder(rung, config.get("rung_extra_blocks", 0), config.get("rung_ahead_blocks", 0))
         codec.requires_grad_(False)
         codec.decoder_for(rung).requires_grad_(True)
     params = [p for p in codec.parameters() if p.requires_grad]
@@ -410,6 +410,7 @@ def default_config(args) -> dict:
         "other_fraction": args.other_fraction, "p_full": args.p_full, "w_env": args.w_env,
         "rung_weights": tuple(args.rung_weights) if args.rung_weights else None,
         "rung_decoder": args.rung_decoder, "rung_extra_blocks": args.rung_extra_blocks,
+        "rung_ahead_blocks": args.rung_ahead_blocks,
         "cache": str(args.cache.resolve()), "use_ray": not args.no_ray, "cpu": args.cpu, "workers": args.workers,
     }
 
@@ -490,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "decoder for exactly K stages (encoder and codebooks frozen; needs --init-from)")
     ap.add_argument("--rung-extra-blocks", type=int, default=0, metavar="N", help="with --rung-decoder: deepen "
                     "that decoder by N identity-initialised residual blocks (dilations doubling on: more look-back)")
+    ap.add_argument("--rung-ahead-blocks", type=int, default=0, metavar="N", help="with --rung-decoder: give "
+                    "that decoder N identity-initialised symmetric blocks, 2**N - 1 frames of look-ahead (every "
+                    "file then stores that many more code frames)")
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--val-segments", type=int, default=16)

@@ -161,6 +161,43 @@ def test_rung_decoder_changes_only_its_rung_and_round_trips(tmp_path):
         tiny().load_weights(bad, "bad.pt")
 
 
+def test_look_ahead_rung_decoder_sees_later_codes_and_windows_agree(tmp_path):
+    """A rung decoder with look-ahead blocks: the identity at first, then it reads codes after the frame it
+    decodes, so every file stores that many more frames; windowed decoding still equals whole-signal
+    decoding, the other rungs decode exactly as before, and the checkpoint loads back with its shape."""
+    plain = tiny()
+    x = (np.random.default_rng(8).standard_normal((1, RATE)) * 0.1).astype(np.float32)
+    codes = encode_array(plain, x, 8)
+    la = _perturbed_rung_codec(2)
+    before = decode_array(la, codes[:, :2], RATE)
+    la.add_rung_decoder(2, ahead_blocks=2)  # dilations 1, 2: 3 frames ahead
+    assert la.decode_context == (plain.decode_context[0] + 3, plain.decode_context[1] + 3)
+    assert la.n_frames(RATE) == plain.n_frames(RATE) + 3
+    la_codes = encode_array(la, x, 8)
+    assert la_codes.shape[-1] == codes.shape[-1] + 3
+    assert np.array_equal(la_codes[..., :codes.shape[-1]], codes)  # the same encoder: more frames, same codes
+    assert np.abs(decode_array(la, la_codes[:, :2], RATE) - before).max() <= 1e-5
+    with torch.no_grad():
+        for p in la.rung_decoders["2"].ahead.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    y = decode_array(la, la_codes[:, :2], RATE)
+    assert not np.allclose(y, before)
+    later = la_codes.copy()
+    later[:, :2, 40] = (later[:, :2, 40] + 1) % 64  # a change at frame 40 reaches samples of frames 37..39
+    moved = np.flatnonzero(np.abs(decode_array(la, later[:, :2], RATE) - y)[0] > 1e-6)
+    assert moved.size and moved[0] < 39 * plain.hop_length
+    for w in (5, 13):
+        assert np.abs(decode_array(la, la_codes[:, :2], RATE, window_frames=w) - y).max() <= 1e-4
+    for k in (1, 4, 8):
+        assert np.array_equal(decode_array(la, la_codes[:, :k], RATE), decode_array(plain, codes[:, :k], RATE))
+    path = tmp_path / "la.pt"
+    torch.save({"model": la.state_dict()}, path)
+    back = tiny()
+    back.load_weights(torch.load(path, weights_only=True), str(path))
+    assert back.decode_context == la.decode_context and back.checkpoint_hash() == la.checkpoint_hash()
+    assert np.array_equal(decode_array(back, la_codes[:, :2], RATE), y)
+
+
 # -- training ----------------------------------------------------------------------------------------
 def test_training_step_reduces_loss():
     torch.manual_seed(0)
@@ -338,12 +375,15 @@ def test_train_job_trains_a_rung_decoder_only(tmp_path):
         train_codec.main(["--combine", str(tmp_path / "w2.pt"), str(tmp_path / "rd" / "last.pt"),
                           "--out", str(tmp_path / "bad.pt")])
     assert not (tmp_path / "bad.pt").exists()
-    train_codec.main([*rd, "--run-dir", str(tmp_path / "deep"), "--rung-extra-blocks", "1", "--steps", "1"])
+    train_codec.main([*rd, "--run-dir", str(tmp_path / "deep"), "--rung-extra-blocks", "1", "--rung-ahead-blocks",
+                      "2", "--steps", "1"])
     deep = torch.load(tmp_path / "deep" / "last.pt", weights_only=True)["model"]
     assert "rung_decoders.2.blocks.1.conv2.weight" in deep and "decoder.blocks.1.conv1.weight" not in deep
+    assert "rung_decoders.2.ahead.1.conv2.weight" in deep and "decoder.ahead.0.conv1.weight" not in deep
     c = NeuralRvqCodec(width=16, latent_dim=4, dilations=(1,), n_q=2, codebook_size=16)
     c.load_weights(deep, "deep.pt")
     assert c.rung_decoders["2"].blocks[1].dilation == 2 and c.decode_context[0] > c.decoder.rf[0]
+    assert [b.dilation for b in c.rung_decoders["2"].ahead] == [1, 2] and c.decode_context[1] == 1 + 3
     with pytest.raises(ValueError, match="--init-from"):
         train_codec.main([*common, "--run-dir", str(tmp_path / "x"), "--out", str(tmp_path / "x.pt"),
                           "--rung-decoder", "2", "--steps", "1"])

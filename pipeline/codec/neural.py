@@ -20,7 +20,9 @@ The bitrate ladder is 1.5/3/6/12/24 kbps = 2/4/8/16/32 stages (quantizer dropout
 
 *Rung decoders*: a checkpoint may carry, beside the shared decoder, a dedicated decoder for one rung
 (``rung_decoders.<K>``: the shared decoder's shape, optionally with more residual blocks: a longer look-back,
-which widens ``decode_context[0]``, never the frame count), used whenever exactly ``K`` stages are decoded.
+which widens ``decode_context[0]``; and optionally symmetric *look-ahead* blocks, which widen both sides of
+``decode_context``, so every file then stores that many more code frames at every rung), used whenever
+exactly ``K`` stages are decoded.
 The encoder and codebooks stay shared, so codes are the same; only that rung's reconstruction is
 specialised (``jobs/train_codec.py --rung-decoder K``; stored as float16 in the weights file, run in
 float32). A checkpoint without one loads and hashes as before.
@@ -62,15 +64,17 @@ class ResBlock(nn.Module):
 
 
 class FrameNet(nn.Module):
-    """Conv3 in -> residual dilated blocks -> ELU -> conv1x1 out.
+    """Conv3 in -> [look-ahead blocks] -> residual dilated blocks -> ELU -> conv1x1 out.
 
     Receptive field ``rf = (left, right)`` frames: ``1 + sum(dilations)`` each side, or
-    ``2 + 2 * sum(dilations)`` on the left only when ``causal``.
+    ``2 + 2 * sum(dilations)`` on the left only when ``causal``; the optional symmetric ``ahead`` blocks
+    (``look_ahead``; none by default, so no state) add their dilations on both sides.
     """
 
     def __init__(self, c_in: int, width: int, c_out: int, dilations: tuple[int, ...], causal: bool = False):
         super().__init__()
         self.inp = nn.Conv1d(c_in, width, 3)
+        self.ahead = nn.ModuleList()  # symmetric blocks giving a causal net some look-ahead
         self.blocks = nn.ModuleList(ResBlock(width, d, causal) for d in dilations)
         self.out = nn.Conv1d(width, c_out, 1)
         self.in_trim = (2, 0) if causal else (1, 1)
@@ -78,8 +82,8 @@ class FrameNet(nn.Module):
         self._set_rf()
 
     def _set_rf(self) -> None:
-        self.rf = (self.in_trim[0] + sum(b.trim[0] for b in self.blocks),
-                   self.in_trim[1] + sum(b.trim[1] for b in self.blocks))
+        blocks = (*self.ahead, *self.blocks)
+        self.rf = (self.in_trim[0] + sum(b.trim[0] for b in blocks), self.in_trim[1] + sum(b.trim[1] for b in blocks))
 
     def deepen(self, n: int) -> None:
         """Append ``n`` residual blocks, dilations doubling on from the last, each starting as the identity
@@ -92,11 +96,22 @@ class FrameNet(nn.Module):
             self.blocks.append(b)
         self._set_rf()
 
+    def look_ahead(self, n: int) -> None:
+        """Add ``n`` symmetric residual blocks (dilations 1, 2, 4, ...) right after the input convolution,
+        each starting as the identity: ``2**n - 1`` frames of look-ahead (and as many more of look-back)."""
+        width = self.inp.out_channels
+        for _ in range(n):
+            b = ResBlock(width, 2 ** len(self.ahead), causal=False).to(self.inp.weight)
+            nn.init.zeros_(b.conv2.weight)
+            nn.init.zeros_(b.conv2.bias)
+            self.ahead.append(b)
+        self._set_rf()
+
     def forward(self, x: torch.Tensor, pad: bool = False) -> torch.Tensor:
         if pad:
             x = F.pad(x, self.in_trim)
         h = self.inp(x)
-        for b in self.blocks:
+        for b in (*self.ahead, *self.blocks):
             h = b(h, pad)
         return self.out(F.elu(h))
 
@@ -140,16 +155,18 @@ class NeuralRvqCodec(Codec):
 
     def _set_decode_context(self) -> None:
         # decode samples [a*hop, b*hop): MDCT frames [a, b] (overlap-add), each from codes [i - dl, i + dr];
-        # the widest decoder sets it (every decoder is causal: dr = 0, so a file's frame count never changes)
+        # the widest decoder sets it; the shared decoder is causal (dr = 0: one frame beyond ceil(T / hop)),
+        # a rung decoder with look-ahead adds its dr frames to every file's frame count
         dl = max(d.rf[0] for d in (self.decoder, *self.rung_decoders.values()))
         dr = max(d.rf[1] for d in (self.decoder, *self.rung_decoders.values()))
         self.decode_context = (dl, dr + 1)
 
     # -- rung decoders ------------------------------------------------------------------------
-    def add_rung_decoder(self, n_q: int, extra_blocks: int = 0) -> FrameNet:
+    def add_rung_decoder(self, n_q: int, extra_blocks: int = 0, ahead_blocks: int = 0) -> FrameNet:
         """Add (or return) the dedicated decoder for exactly ``n_q`` stages, initialised as a copy of
         the shared decoder (so it starts where the shared one is), then deepened by ``extra_blocks``
-        identity-initialised residual blocks (``FrameNet.deepen``: more capacity, longer look-back)."""
+        identity-initialised residual blocks (``FrameNet.deepen``: more capacity, longer look-back) and
+        ``ahead_blocks`` symmetric ones (``FrameNet.look_ahead``: it may see later codes)."""
         if not 1 <= n_q <= self.n_q:
             raise ValueError(f"a rung decoder needs 1 <= n_q <= {self.n_q}, got {n_q}")
         key = str(n_q)
@@ -157,6 +174,8 @@ class NeuralRvqCodec(Codec):
             self.rung_decoders[key] = copy.deepcopy(self.decoder)
         if extra_blocks:
             self.rung_decoders[key].deepen(extra_blocks)
+        if ahead_blocks:
+            self.rung_decoders[key].look_ahead(ahead_blocks)
         self._set_decode_context()
         return self.rung_decoders[key]
 
@@ -167,16 +186,18 @@ class NeuralRvqCodec(Codec):
     def load_weights(self, state: dict, where: str = "checkpoint") -> None:
         """Load a checkpoint, first adding the rung decoders it carries (``rung_decoders.<K>.*`` keys)."""
         sd = state["model"] if "model" in state else state
-        blocks: dict[int, int] = {}  # rung -> residual blocks in its decoder
+        blocks: dict[int, list[int]] = {}  # rung -> [residual blocks, look-ahead blocks] in its decoder
         for key in sd:
-            m = re.match(r"rung_decoders\.(\d+)\.(?:blocks\.(\d+)\.)?", key)
+            m = re.match(r"rung_decoders\.(\d+)\.(?:(blocks|ahead)\.(\d+)\.)?", key)
             if m:
-                k = int(m.group(1))
-                blocks[k] = max(blocks.get(k, 0), int(m.group(2)) + 1 if m.group(2) else 0)
-        for k, n in sorted(blocks.items()):
+                n = blocks.setdefault(int(m.group(1)), [0, 0])
+                if m.group(2):
+                    i = 0 if m.group(2) == "blocks" else 1
+                    n[i] = max(n[i], int(m.group(3)) + 1)
+        for k, (n, a) in sorted(blocks.items()):
             try:
-                have = len((self.rung_decoders[str(k)] if str(k) in self.rung_decoders else self.decoder).blocks)
-                self.add_rung_decoder(k, max(0, n - have))
+                dec = self.rung_decoders[str(k)] if str(k) in self.rung_decoders else self.decoder
+                self.add_rung_decoder(k, max(0, n - len(dec.blocks)), max(0, a - len(dec.ahead)))
             except ValueError as e:
                 raise CodecUnavailableError(f"{where}: {e}") from None
         self.load_state_dict(sd)
@@ -209,8 +230,9 @@ class NeuralRvqCodec(Codec):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         z = self.rvq.decode(codes)
         dec = self.decoder_for(codes.shape[1])
-        # a decoder with less look-back than the widest one skips the codes it does not read
-        y = dec(z[..., self.decode_context[0] - dec.rf[0]:])  # [B, hop, F' - dl - dr] = MDCT frames a .. b
+        # a decoder with less context than the widest one skips the codes it does not read
+        dl, dr = self.decode_context[0], self.decode_context[1] - 1
+        y = dec(z[..., dl - dec.rf[0]: z.shape[-1] - (dr - dec.rf[1])])  # [B, hop, b - a + 1] = MDCT frames a..b
         return self.synthesize(self.unfeatures(y))
 
     def n_params(self) -> int:
