@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 the job could not run (bad options, unreadable archive,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -342,10 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one command. For the commands that print results (those with ``--json``) sys.stdout points
-    at stderr while they run; as the process entrypoint (``argv`` None) it stays so after the results
-    are written, so Ray's shutdown cannot append to them; an in-process caller gets its sys.stdout back."""
+def main(argv: list[str] | None = None, out=None) -> int:
+    """Run one command. For the commands that print results (those with ``--json``) the results go to
+    ``out`` (default: sys.stdout as it is on entry) and sys.stdout points at stderr while they run. As the
+    process entrypoint (``argv`` None) it stays so after the results are written, so Ray's shutdown cannot
+    append to them; an in-process caller gets its sys.stdout back (and, sharing a running Ray driver whose
+    thread may print at any moment, should pass its own ``out``)."""
     global _result_stream
     entrypoint = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -353,8 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_job(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     if not hasattr(args, "json"):  # demo, dev-s3, monitor: human-facing output, no results to keep clean
-        return _run(args, argv)
-    _result_stream, saved = sys.stdout, sys.stdout
+        if out is None:
+            return _run(args, argv)
+        with contextlib.redirect_stdout(out):
+            return _run(args, argv)
+    _result_stream, saved = out or sys.stdout, sys.stdout
     sys.stdout = sys.stderr
     try:
         return _run(args, argv)

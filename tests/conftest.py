@@ -39,12 +39,14 @@ class CLI:
         self.capsys = capsys
 
     def __call__(self, *args: str) -> tuple[int, str]:
+        import io
+
         from pipeline.cli import main
         self.capsys.readouterr()
-        code = main([str(a) for a in args])
-        out = self.capsys.readouterr()
-        self.last_err = out.err
-        return code, out.out
+        out = io.StringIO()  # the command's own stdout: the session's Ray driver thread never writes here
+        code = main([str(a) for a in args], out=out)
+        self.last_err = self.capsys.readouterr().err
+        return code, out.getvalue()
 
     def json(self, *args: str, expect: int | tuple[int, ...] = 0):
         code, out = self(*args, "--json")
