@@ -248,6 +248,10 @@ def train_loop(config: dict) -> None:
             state = torch.load(config["init_from"], map_location=device, weights_only=True)
             codec.load_weights(state, str(config["init_from"]))
         codec.add_rung_decoder(rung, config.get("rung_extra_blocks", 0), config.get("rung_ahead_blocks", 0))
+        if config.get("pair_search") is not None:
+            if rung != 2:
+                raise ValueError("--pair-search applies to the 2-stage rung: use it with --rung-decoder 2")
+            codec.rvq.set_pair_search(config["pair_search"])
         codec.requires_grad_(False)
         codec.decoder_for(rung).requires_grad_(True)
     params = [p for p in codec.parameters() if p.requires_grad]
@@ -410,7 +414,7 @@ def default_config(args) -> dict:
         "other_fraction": args.other_fraction, "p_full": args.p_full, "w_env": args.w_env,
         "rung_weights": tuple(args.rung_weights) if args.rung_weights else None,
         "rung_decoder": args.rung_decoder, "rung_extra_blocks": args.rung_extra_blocks,
-        "rung_ahead_blocks": args.rung_ahead_blocks,
+        "rung_ahead_blocks": args.rung_ahead_blocks, "pair_search": args.pair_search,
         "cache": str(args.cache.resolve()), "use_ray": not args.no_ray, "cpu": args.cpu, "workers": args.workers,
     }
 
@@ -425,6 +429,10 @@ def combine_rung_decoders(base: Path, rung_files: list[Path], out: Path, log=pri
     for f in rung_files:
         r = torch.load(f, map_location="cpu", weights_only=True)["model"]
         extra = {k: v for k, v in r.items() if k.startswith("rung_decoders.")}
+        if "rvq.pair_search_k" in r:  # the rung was trained on jointly searched codes: encode them so
+            if int(model.get("rvq.pair_search_k", r["rvq.pair_search_k"])) != int(r["rvq.pair_search_k"]):
+                raise ValueError(f"{f}: trained with another --pair-search than the other rung files")
+            model["rvq.pair_search_k"] = r["rvq.pair_search_k"]
         if not extra:
             raise ValueError(f"{f}: no rung decoder in it (train one with --rung-decoder K --init-from {base})")
         for k, v in b["model"].items():
@@ -494,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rung-ahead-blocks", type=int, default=0, metavar="N", help="with --rung-decoder: give "
                     "that decoder N identity-initialised symmetric blocks, 2**N - 1 frames of look-ahead (every "
                     "file then stores that many more code frames)")
+    ap.add_argument("--pair-search", type=int, default=None, metavar="K", help="with --rung-decoder 2: encode "
+                    "the two stages jointly over the K nearest first-stage entries (ResidualVQ.set_pair_search; "
+                    "stored in the weights, 0 = greedy) and train the decoder on those codes")
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--val-segments", type=int, default=16)

@@ -198,6 +198,45 @@ def test_look_ahead_rung_decoder_sees_later_codes_and_windows_agree(tmp_path):
     assert np.array_equal(decode_array(back, la_codes[:, :2], RATE), y)
 
 
+def test_pair_search_encodes_two_stages_jointly_and_travels_with_the_weights(tmp_path):
+    """pair_search: the 2-stage codes are the exhaustive joint optimum when every first-stage entry is a
+    candidate, never worse than greedy; other stage counts are untouched; the setting is part of the
+    weights (hash, round trip) and a codec without it hashes as before."""
+    from pipeline.codec.rvq import ResidualVQ
+    q = ResidualVQ(8, 32, 4)
+    with torch.no_grad():
+        q.codebooks.normal_(generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 8, 40, generator=torch.Generator().manual_seed(1))
+    greedy, greedy4 = q.encode(x, 2), q.encode(x, 4)
+    keys = set(q.state_dict())
+    q.set_pair_search(32)
+    joint = q.encode(x, 2)
+    r = x.permute(0, 2, 1).reshape(-1, 8)
+    c1, c2 = q.codebooks[0], q.codebooks[1]
+    best = ((r[:, None, None] - c1[None, :, None] - c2[None, None]) ** 2).sum(-1).reshape(len(r), -1).argmin(1)
+    assert torch.equal(joint.permute(0, 2, 1).reshape(-1, 2), torch.stack([best // 32, best % 32], 1))
+    err = lambda c: (x - q.decode(c)).pow(2).sum(1)  # noqa: E731
+    assert (err(joint) <= err(greedy) + 1e-5).all() and err(joint).mean() < err(greedy).mean()
+    assert torch.equal(q.encode(x, 4), greedy4)
+    assert set(q.state_dict()) == keys | {"pair_search_k"}
+    q.set_pair_search(4)  # a narrower search: between greedy and exhaustive
+    assert err(greedy).mean() >= err(q.encode(x, 2)).mean() >= err(joint).mean()
+    c = tiny()
+    h0 = c.checkpoint_hash()
+    c.rvq.set_pair_search(8)
+    assert c.checkpoint_hash() != h0
+    path = tmp_path / "ps.pt"
+    torch.save({"model": c.state_dict()}, path)
+    back = tiny()
+    back.load_weights(torch.load(path, weights_only=True), str(path))
+    assert back.rvq.pair_search == 8 and back.checkpoint_hash() == c.checkpoint_hash()
+    wav = (np.random.default_rng(3).standard_normal((1, RATE)) * 0.1).astype(np.float32)
+    assert np.array_equal(encode_array(back, wav, 2), encode_array(c, wav, 2))
+    assert np.array_equal(encode_array(back, wav, 4), encode_array(tiny(), wav, 4))
+    with pytest.raises(ValueError, match="pair_search"):
+        q.set_pair_search(33)
+
+
 # -- training ----------------------------------------------------------------------------------------
 def test_training_step_reduces_loss():
     torch.manual_seed(0)
@@ -384,6 +423,15 @@ def test_train_job_trains_a_rung_decoder_only(tmp_path):
     c.load_weights(deep, "deep.pt")
     assert c.rung_decoders["2"].blocks[1].dilation == 2 and c.decode_context[0] > c.decoder.rf[0]
     assert [b.dilation for b in c.rung_decoders["2"].ahead] == [1, 2] and c.decode_context[1] == 1 + 3
+    # --pair-search: the rung decoder learns on jointly searched codes, and the release encodes them so
+    train_codec.main([*rd, "--run-dir", str(tmp_path / "ps"), "--pair-search", "4", "--steps", "1"])
+    ps = torch.load(tmp_path / "ps" / "last.pt", weights_only=True)
+    assert int(ps["model"]["rvq.pair_search_k"]) == 4 and "rvq.pair_search_k" not in released
+    train_codec.main(["--combine", str(tmp_path / "w.pt"), str(tmp_path / "ps" / "last.pt"),
+                      "--out", str(tmp_path / "release_ps.pt")])
+    c = NeuralRvqCodec(width=16, latent_dim=4, dilations=(1,), n_q=2, codebook_size=16)
+    c.load_weights(torch.load(tmp_path / "release_ps.pt", weights_only=True), "release_ps.pt")
+    assert c.rvq.pair_search == 4
     with pytest.raises(ValueError, match="--init-from"):
         train_codec.main([*common, "--run-dir", str(tmp_path / "x"), "--out", str(tmp_path / "x.pt"),
                           "--rung-decoder", "2", "--steps", "1"])

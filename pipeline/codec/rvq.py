@@ -1,6 +1,9 @@
 """Residual vector quantization: a stack of codebooks, each quantizing the residual of the one before.
 
-Any prefix of the stack can be used to encode or decode (fewer stages = lower bitrate).
+Any prefix of the stack can be used to encode or decode (fewer stages = lower bitrate). Encoding is
+greedy, stage by stage, except that a quantizer with ``pair_search = k`` encodes exactly two stages
+jointly: the pair (one of the ``k`` nearest first-stage entries, the best second-stage entry for it)
+with the smallest total error, a lower error than greedy at the same bitrate.
 """
 from __future__ import annotations
 
@@ -20,6 +23,23 @@ class ResidualVQ(nn.Module):
         self.codebook_size = codebook_size
         self.n_q = n_q
         self.register_buffer("codebooks", torch.zeros(n_q, codebook_size, dim))
+        self.pair_search = 0  # see set_pair_search; no state until set, so older checkpoints hash as before
+
+    def set_pair_search(self, k: int) -> None:
+        """Encode exactly two stages jointly over the ``k`` nearest first-stage entries (0: greedy). Kept as a
+        buffer, so it travels with the weights and is part of the checkpoint hash (it changes the codes)."""
+        if not 0 <= k <= self.codebook_size:
+            raise ValueError(f"pair_search must be in [0, {self.codebook_size}], got {k}")
+        if "pair_search_k" not in self._buffers:
+            self.register_buffer("pair_search_k", torch.zeros((), dtype=torch.int64))
+        self.pair_search_k.fill_(k)
+        self.pair_search = k
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "pair_search_k"
+        if key in state_dict:  # a checkpoint that encodes two stages jointly
+            self.set_pair_search(int(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
     def nearest(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -34,12 +54,29 @@ class ResidualVQ(nn.Module):
             raise ValueError(f"n_q must be in [1, {self.n_q}], got {n_q}")
         b, d, f = x.shape
         residual = x.permute(0, 2, 1).reshape(b * f, d)
+        if n_q == 2 and self.pair_search:
+            return self._encode_pair(residual, self.pair_search).reshape(b, f, 2).permute(0, 2, 1).contiguous()
         codes = []
         for q in range(n_q):
             idx = self.nearest(residual, self.codebooks[q])
             residual = residual - self.codebooks[q][idx]
             codes.append(idx)
         return torch.stack(codes, dim=1).reshape(b, f, n_q).permute(0, 2, 1).contiguous()
+
+    def _encode_pair(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """``x: [N, D]`` -> ``[N, 2]``: per row, the (first, second) entries minimising
+        ``||x - c1 - c2||^2`` over the ``k`` first-stage entries nearest to ``x``."""
+        c1, c2 = self.codebooks[0], self.codebooks[1]
+        out = []
+        for xs in x.split(4096):  # bounded memory: [rows, k, codebook_size] distances per chunk
+            d1 = c1.pow(2).sum(1)[None, :] - 2.0 * (xs @ c1.t())
+            top = d1.topk(min(k, c1.shape[0]), dim=1, largest=False).indices  # [n, k]
+            res = xs[:, None, :] - c1[top]  # [n, k, D]
+            d2 = c2.pow(2).sum(1)[None, None, :] - 2.0 * (res @ c2.t())  # [n, k, K] (+ ||res||^2)
+            d2min, j = d2.min(-1)
+            best = (res.pow(2).sum(-1) + d2min).argmin(1, keepdim=True)  # [n, 1]
+            out.append(torch.cat([top.gather(1, best), j.gather(1, best)], 1))
+        return torch.cat(out) if out else x.new_zeros((0, 2), dtype=torch.int64)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         b, k, f = codes.shape
