@@ -260,6 +260,8 @@ def train_loop(config: dict) -> None:
     ckpt_path = run_dir / "ckpt.pt"
     if config.get("resume") and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if "pair_search_k" in codec.rvq._buffers:  # a --pair-search given on resume wins over the checkpoint's
+            ck["model"]["rvq.pair_search_k"] = codec.rvq.pair_search_k.clone()
         codec.load_weights(ck, str(ckpt_path))
         opt.load_state_dict(ck["opt"])
         vq.load_state_dict(ck["vq"])

@@ -432,6 +432,8 @@ def test_train_job_trains_a_rung_decoder_only(tmp_path):
     c = NeuralRvqCodec(width=16, latent_dim=4, dilations=(1,), n_q=2, codebook_size=16)
     c.load_weights(torch.load(tmp_path / "release_ps.pt", weights_only=True), "release_ps.pt")
     assert c.rvq.pair_search == 4
+    train_codec.main([*rd, "--steps", "4", "--resume", "--pair-search", "4"])  # switched on mid-run
+    assert int(torch.load(tmp_path / "rd" / "last.pt", weights_only=True)["model"]["rvq.pair_search_k"]) == 4
     with pytest.raises(ValueError, match="--init-from"):
         train_codec.main([*common, "--run-dir", str(tmp_path / "x"), "--out", str(tmp_path / "x.pt"),
                           "--rung-decoder", "2", "--steps", "1"])
