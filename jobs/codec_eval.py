@@ -279,6 +279,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--min-seconds", type=float, default=3.0, help="skip shorter files")
     ap.add_argument("--visqol-seconds", type=float, default=8.0)
     ap.add_argument("--no-visqol", action="store_true")
+    ap.add_argument("--seed", type=int, default=0, help="draw of the references (another seed: another set, "
+                    "e.g. to confirm a choice made on seed 0's set)")
     ap.add_argument("--all-files", action="store_true", help="use every file, not only the held-out split")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out-dir", type=Path, default=Path(".data/eval"))
@@ -294,7 +296,7 @@ def main(argv=None) -> list[dict]:
 
     root = args.dir or corpus.fetch()
     refs = load_references(root, args.max_files, args.seconds, heldout_only=not args.all_files,
-                           min_seconds=args.min_seconds)
+                           seed=args.seed, min_seconds=args.min_seconds)
     if not refs:
         raise SystemExit(f"no usable audio under {root}")
     use_visqol = not args.no_visqol and metrics.visqol_available()

@@ -423,11 +423,13 @@ def default_config(args) -> dict:
 
 def combine_rung_decoders(base: Path, rung_files: list[Path], out: Path, log=print) -> Path:
     """Write ``out``: the weights ``base`` plus the rung decoders trained on it (``--rung-decoder`` runs'
-    weights files), rung decoders as float16. Refuses a rung file whose other tensors differ from ``base``
-    (trained from other weights: its decoder would not match these codes) or that carries no rung decoder."""
+    weights files), rung decoders as float16; a rung decoder the base already has is replaced (a run
+    ``--init-from`` a release retrains that release's own). Refuses a rung file whose other tensors differ
+    from ``base`` (trained from other weights: its decoder would not match these codes) or that carries no
+    rung decoder."""
     b = torch.load(base, map_location="cpu", weights_only=True)
     model = dict(b["model"])
-    rungs = set()
+    rungs = {int(k.split(".")[1]) for k in model if k.startswith("rung_decoders.")}
     for f in rung_files:
         r = torch.load(f, map_location="cpu", weights_only=True)["model"]
         extra = {k: v for k, v in r.items() if k.startswith("rung_decoders.")}
@@ -437,7 +439,11 @@ def combine_rung_decoders(base: Path, rung_files: list[Path], out: Path, log=pri
             model["rvq.pair_search_k"] = r["rvq.pair_search_k"]
         if not extra:
             raise ValueError(f"{f}: no rung decoder in it (train one with --rung-decoder K --init-from {base})")
+        mine = {k.split(".")[1] for k in extra}  # the rungs this file brings replace the base's own
+        model = {k: v for k, v in model.items() if not (k.startswith("rung_decoders.") and k.split(".")[1] in mine)}
         for k, v in b["model"].items():
+            if k.startswith("rung_decoders.") and k.split(".")[1] in mine:
+                continue
             if k not in r or not torch.equal(r[k], v):
                 raise ValueError(f"{f}: tensor {k} differs from {base}: it was not trained from those weights "
                                  f"(--init-from {base})")

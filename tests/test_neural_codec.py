@@ -432,6 +432,15 @@ def test_train_job_trains_a_rung_decoder_only(tmp_path):
     c = NeuralRvqCodec(width=16, latent_dim=4, dilations=(1,), n_q=2, codebook_size=16)
     c.load_weights(torch.load(tmp_path / "release_ps.pt", weights_only=True), "release_ps.pt")
     assert c.rvq.pair_search == 4
+    # retraining a release's own rung decoder (here with look-ahead): --combine replaces it
+    train_codec.main([*common, "--run-dir", str(tmp_path / "re"), "--out", str(tmp_path / "re.pt"), "--rung-decoder",
+                      "2", "--init-from", str(tmp_path / "release.pt"), "--rung-ahead-blocks", "1", "--steps", "1"])
+    re_w = torch.load(tmp_path / "re" / "last.pt", weights_only=True)["model"]
+    train_codec.main(["--combine", str(tmp_path / "release.pt"), str(tmp_path / "re" / "last.pt"),
+                      "--out", str(tmp_path / "release2.pt")])
+    rel2 = torch.load(tmp_path / "release2.pt", weights_only=True)
+    assert set(rel2["model"]) == set(re_w) and rel2["config"]["rung_decoders"] == [2]
+    assert all(torch.equal(rel2["model"][k], re_w[k]) for k in re_w)
     train_codec.main([*rd, "--steps", "4", "--resume", "--pair-search", "4"])  # switched on mid-run
     assert int(torch.load(tmp_path / "rd" / "last.pt", weights_only=True)["model"]["rvq.pair_search_k"]) == 4
     with pytest.raises(ValueError, match="--init-from"):
