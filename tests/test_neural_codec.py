@@ -237,6 +237,39 @@ def test_pair_search_encodes_two_stages_jointly_and_travels_with_the_weights(tmp
         q.set_pair_search(33)
 
 
+def test_delta_weights_file_rebuilds_its_release_from_a_full_one(tmp_path):
+    """An earlier release stored as its differences from a full weights file loads with the release's own
+    hash, finds its base by hash (renaming the base is fine), and names the fix when the base is gone or the
+    result does not hash as written."""
+    base = random_codec(seed=3)
+    torch.save({"model": base.state_dict()}, tmp_path / "base.pt")
+    rel = random_codec(seed=3)
+    with torch.no_grad():
+        for p in rel.add_rung_decoder(2).parameters():
+            p.add_(0.01)
+    torch.save({"model": rel.state_dict()}, tmp_path / "rel_full.pt")
+    d = registry.make_delta(tmp_path / "rel_full.pt", tmp_path / "base.pt", tmp_path / "rel.pt")
+    assert d.stat().st_size < (tmp_path / "rel_full.pt").stat().st_size / 2
+    assert registry.load("neural_rvq", d).checkpoint_hash() == rel.checkpoint_hash()
+    # the reverse: the base as a delta of the release (its rung decoder dropped)
+    back = registry.make_delta(tmp_path / "base.pt", tmp_path / "rel_full.pt", tmp_path / "base_d.pt")
+    assert registry.load("neural_rvq", back).checkpoint_hash() == base.checkpoint_hash()
+    back.unlink()
+    (tmp_path / "rel_full.pt").unlink()
+    (tmp_path / "base.pt").rename(tmp_path / "base-renamed.pt")
+    registry._SHIPPED_HASHES.clear()
+    assert registry.load("neural_rvq", d).checkpoint_hash() == rel.checkpoint_hash()
+    state = torch.load(d, weights_only=True)
+    key = next(iter(state["model"]))
+    state["model"][key] = state["model"][key] + 1
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(CodecUnavailableError, match="bad.pt.*not the"):
+        registry.load("neural_rvq", tmp_path / "bad.pt")
+    (tmp_path / "base-renamed.pt").unlink()
+    with pytest.raises(CodecUnavailableError, match="rel.pt: stores only its differences.*--codec-weights"):
+        registry.load("neural_rvq", d)
+
+
 # -- training ----------------------------------------------------------------------------------------
 def test_training_step_reduces_loss():
     torch.manual_seed(0)

@@ -52,8 +52,8 @@ register(CodecSpec("mdct_rvq", "MDCT frames + residual k-means codebooks learned
 
 register(CodecSpec("neural_rvq", "MDCT-domain conv autoencoder + 32-stage RVQ, trained (1.5-24 kbps)",
                    _neural_rvq, WEIGHTS_DIR / "neural_rvq.pt",
-                   previous_weights=(WEIGHTS_DIR / "neural_rvq-172a476e.pt", WEIGHTS_DIR / "neural_rvq-9575b629.pt",
-                                     WEIGHTS_DIR / "neural_rvq-12874cf9.pt")))
+                   previous_weights=(WEIGHTS_DIR / "neural_rvq-3bc8f5ac.pt", WEIGHTS_DIR / "neural_rvq-172a476e.pt",
+                                     WEIGHTS_DIR / "neural_rvq-9575b629.pt", WEIGHTS_DIR / "neural_rvq-12874cf9.pt")))
 
 
 def _encodec_24khz() -> Codec:
@@ -118,8 +118,58 @@ def load(name: str, weights: str | Path | None = None, device: str = "cpu") -> C
         if not isinstance(state, dict):
             raise CodecUnavailableError(f"{path}: not a state dict (a {type(state).__name__}); "
                                         f"pass the checkpoint of codec {name!r}")
+        if "delta_of" in state:
+            state = _apply_delta(name, state, path)
         codec.load_weights(state, str(path))
+        if "checkpoint_hash" in state and codec.checkpoint_hash() != state["checkpoint_hash"]:
+            raise CodecUnavailableError(f"{path}: its tensors hash to {codec.checkpoint_hash()}, not the "
+                                        f"{state['checkpoint_hash']} it was written for (a damaged or mismatched file)")
     return codec.eval().to(device)
+
+
+# -- delta weights files --------------------------------------------------------------------------------
+# An earlier release that shares most tensors with a shipped full file is stored as only what differs: the
+# package stays small enough to ship with a Ray job (a runtime env upload is capped at 100 MiB).
+def make_delta(full: Path, base: Path, out: Path, name: str = "neural_rvq") -> Path:
+    """Write ``out``: the weights ``full`` as the tensors that differ from the full file ``base`` (matched
+    by its checkpoint hash at load, so renaming ``base`` keeps it working), the keys ``base`` has and
+    ``full`` lacks, and ``full``'s checkpoint hash, which loading checks."""
+    f = torch.load(full, map_location="cpu", weights_only=True)
+    b = torch.load(base, map_location="cpu", weights_only=True)
+    if "delta_of" in b:
+        raise ValueError(f"{base}: a delta file; a delta's base must be a full weights file")
+    fm, bm = f.get("model", f), b.get("model", b)
+    delta = {k: v for k, v in fm.items() if k not in bm or bm[k].dtype != v.dtype or not torch.equal(bm[k], v)}
+    state = {"delta_of": load(name, base).checkpoint_hash(), "drop": sorted(set(bm) - set(fm)), "model": delta,
+             "config": f.get("config", {}), "checkpoint_hash": load(name, full).checkpoint_hash()}
+    torch.save(state, out)
+    if load(name, out).checkpoint_hash() != state["checkpoint_hash"]:
+        raise AssertionError(f"{out}: the delta does not rebuild {full}")
+    return out
+
+
+def _apply_delta(name: str, state: dict, path: Path) -> dict:
+    """The full state dict of a delta file: its base (a full file of codec ``name`` with the hash
+    ``state["delta_of"]``, shipped or in the delta's folder) minus the dropped keys, plus the delta's tensors."""
+    siblings = sorted(path.parent.glob("*.pt"))  # the shipped files, then any beside the delta
+    for cand in (spec(name).default_weights, *spec(name).previous_weights, *siblings):
+        if cand is None or not cand.exists() or cand == path:
+            continue
+        base = torch.load(cand, map_location="cpu", weights_only=True)
+        if "delta_of" in base or _hash_of(name, cand) != state["delta_of"]:
+            continue
+        model = {k: v for k, v in base.get("model", base).items() if k not in set(state["drop"])}
+        model.update(state["model"])
+        return {"model": model, "config": state.get("config", {}), "checkpoint_hash": state["checkpoint_hash"]}
+    raise CodecUnavailableError(f"{path}: stores only its differences from the {name} weights with checkpoint hash "
+                                f"{state['delta_of']}, and no shipped {name} file has that hash; reinstall audioarc "
+                                f"or pass the full checkpoint with --codec-weights PATH")
+
+
+def _hash_of(name: str, path: Path) -> str:
+    if path not in _SHIPPED_HASHES:
+        _SHIPPED_HASHES[path] = load(name, path).checkpoint_hash()
+    return _SHIPPED_HASHES[path]
 
 
 _SHIPPED_HASHES: dict[Path, str] = {}
@@ -134,9 +184,7 @@ def shipped_weights_for(record) -> Path | None:
     for path in (s.default_weights, *s.previous_weights):
         if path is None or not path.exists():
             continue
-        if path not in _SHIPPED_HASHES:
-            _SHIPPED_HASHES[path] = load(record.name, path).checkpoint_hash()
-        if _SHIPPED_HASHES[path] == record.checkpoint_hash:
+        if _hash_of(record.name, path) == record.checkpoint_hash:
             return path
     return None
 
