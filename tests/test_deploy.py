@@ -96,3 +96,24 @@ def test_podmonitors_scrape_head_and_workers_metrics_port():
 def test_dockerfile_variants():
     text = (K8S.parent / "Dockerfile").read_text()
     assert "rayproject/ray" in text and "download.pytorch.org/whl/cpu" in text and "cu1" in text
+
+
+def test_the_code_ray_uploads_with_a_job_stays_under_its_cap():
+    """`ray job submit --working-dir` / `audioarc ... --address http://...` upload the repository minus
+    WORKING_DIR_EXCLUDES, and Ray refuses a runtime env package over 100 MiB (HTTP 413). Shipped weights are
+    most of it: a new release must make earlier ones delta files (registry.make_delta) to stay under."""
+    import fnmatch
+    import subprocess
+
+    from pipeline.cluster import PACKAGE_ROOT, WORKING_DIR_EXCLUDES
+    files = subprocess.run(["git", "ls-files"], cwd=PACKAGE_ROOT, capture_output=True, text=True,
+                           check=True).stdout.split("\n")
+
+    def excluded(rel: str) -> bool:
+        parts = rel.split("/")
+        return any(fnmatch.fnmatch(rel, pat) or any(fnmatch.fnmatch(p, pat) for p in parts)
+                   for pat in WORKING_DIR_EXCLUDES)
+    size = sum((PACKAGE_ROOT / f).stat().st_size for f in files if f and not excluded(f))
+    assert size < 95 * 2**20, f"{size / 2**20:.1f} MiB would be uploaded with a Ray job (cap 100 MiB)"
+    weights = sum(p.stat().st_size for p in (PACKAGE_ROOT / "pipeline/codec/weights").glob("*.pt"))
+    assert weights > 0.7 * size  # what the check is about
