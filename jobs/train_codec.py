@@ -260,8 +260,8 @@ def train_loop(config: dict) -> None:
     ckpt_path = run_dir / "ckpt.pt"
     if config.get("resume") and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if "pair_search_k" in codec.rvq._buffers:  # a --pair-search given on resume wins over the checkpoint's
-            ck["model"]["rvq.pair_search_k"] = codec.rvq.pair_search_k.clone()
+        if rung and config.get("pair_search") is not None:  # given on resume: wins over the checkpoint's
+            ck["model"]["rvq.pair_search_k"] = torch.tensor(config["pair_search"])
         codec.load_weights(ck, str(ckpt_path))
         opt.load_state_dict(ck["opt"])
         vq.load_state_dict(ck["vq"])
@@ -427,28 +427,29 @@ def combine_rung_decoders(base: Path, rung_files: list[Path], out: Path, log=pri
     ``--init-from`` a release retrains that release's own). Refuses a rung file whose other tensors differ
     from ``base`` (trained from other weights: its decoder would not match these codes) or that carries no
     rung decoder."""
+    def rung_of(key: str) -> int | None:  # rung_decoders.<K>.* -> K
+        return int(key.split(".")[1]) if key.startswith("rung_decoders.") else None
+
     b = torch.load(base, map_location="cpu", weights_only=True)
     model = dict(b["model"])
-    rungs = {int(k.split(".")[1]) for k in model if k.startswith("rung_decoders.")}
+    rungs = {rung_of(k) for k in model} - {None}
     for f in rung_files:
         r = torch.load(f, map_location="cpu", weights_only=True)["model"]
-        extra = {k: v for k, v in r.items() if k.startswith("rung_decoders.")}
+        extra = {k: v for k, v in r.items() if rung_of(k) is not None}
         if "rvq.pair_search_k" in r:  # the rung was trained on jointly searched codes: encode them so
             if int(model.get("rvq.pair_search_k", r["rvq.pair_search_k"])) != int(r["rvq.pair_search_k"]):
                 raise ValueError(f"{f}: trained with another --pair-search than the other rung files")
             model["rvq.pair_search_k"] = r["rvq.pair_search_k"]
         if not extra:
             raise ValueError(f"{f}: no rung decoder in it (train one with --rung-decoder K --init-from {base})")
-        mine = {k.split(".")[1] for k in extra}  # the rungs this file brings replace the base's own
-        model = {k: v for k, v in model.items() if not (k.startswith("rung_decoders.") and k.split(".")[1] in mine)}
+        mine = {rung_of(k) for k in extra}  # the rungs this file brings replace the base's own
+        model = {k: v for k, v in model.items() if rung_of(k) not in mine}
         for k, v in b["model"].items():
-            if k.startswith("rung_decoders.") and k.split(".")[1] in mine:
-                continue
-            if k not in r or not torch.equal(r[k], v):
+            if rung_of(k) not in mine and (k not in r or not torch.equal(r[k], v)):
                 raise ValueError(f"{f}: tensor {k} differs from {base}: it was not trained from those weights "
                                  f"(--init-from {base})")
         model.update(shipping_state(extra))
-        rungs |= {int(k.split(".")[1]) for k in extra}
+        rungs |= mine
     cfg = dict(b.get("config", {}))
     cfg["rung_decoders"] = sorted(rungs)
     out.parent.mkdir(parents=True, exist_ok=True)

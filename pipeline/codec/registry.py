@@ -99,32 +99,42 @@ def load(name: str, weights: str | Path | None = None, device: str = "cpu") -> C
     Raises CodecUnavailableError naming the fix when the codec cannot be built (a package is missing)
     or its weights are missing (not shipped and not given, or not found at the path given)."""
     s = spec(name)
-    codec = s.factory()
     if s.needs_weights and not weights:
         raise CodecUnavailableError(
             f"codec {name!r} ships no weights: pass --codec-weights PATH with its checkpoint "
             f"({s.weights_hint or 'see `audioarc codecs`'})")
     path = Path(weights) if weights else s.default_weights
-    if path is not None:
-        if not path.exists():
-            fix = f" ({s.weights_hint})" if s.weights_hint else " or train them (jobs/train_*.py)"
-            raise CodecUnavailableError(
-                f"weights for codec {name!r} not found at {path}; pass --codec-weights PATH{fix}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - not a checkpoint (or not a torch one)
-            raise CodecUnavailableError(f"{path}: not a readable checkpoint for codec {name!r} "
-                                        f"({type(e).__name__}: {str(e)[:200]})") from None
-        if not isinstance(state, dict):
-            raise CodecUnavailableError(f"{path}: not a state dict (a {type(state).__name__}); "
-                                        f"pass the checkpoint of codec {name!r}")
-        if "delta_of" in state:
-            state = _apply_delta(name, state, path)
-        codec.load_weights(state, str(path))
-        if "checkpoint_hash" in state and codec.checkpoint_hash() != state["checkpoint_hash"]:
-            raise CodecUnavailableError(f"{path}: its tensors hash to {codec.checkpoint_hash()}, not the "
-                                        f"{state['checkpoint_hash']} it was written for (a damaged or mismatched file)")
-    return codec.eval().to(device)
+    if path is None:
+        return s.factory().eval().to(device)
+    if not path.exists():
+        fix = f" ({s.weights_hint})" if s.weights_hint else " or train them (jobs/train_*.py)"
+        raise CodecUnavailableError(
+            f"weights for codec {name!r} not found at {path}; pass --codec-weights PATH{fix}")
+    return _codec_from(name, _read_state(name, path), path).eval().to(device)
+
+
+def _read_state(name: str, path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - not a checkpoint (or not a torch one)
+        raise CodecUnavailableError(f"{path}: not a readable checkpoint for codec {name!r} "
+                                    f"({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(state, dict):
+        raise CodecUnavailableError(f"{path}: not a state dict (a {type(state).__name__}); "
+                                    f"pass the checkpoint of codec {name!r}")
+    return state
+
+
+def _codec_from(name: str, state: dict, path: Path) -> Codec:
+    """Codec ``name`` with the weights ``state`` read from ``path`` (a delta file rebuilt over its base)."""
+    codec = spec(name).factory()
+    if "delta_of" in state:
+        state = _apply_delta(name, state, path)
+    codec.load_weights(state, str(path))
+    if "checkpoint_hash" in state and codec.checkpoint_hash() != state["checkpoint_hash"]:
+        raise CodecUnavailableError(f"{path}: its tensors hash to {codec.checkpoint_hash()}, not the "
+                                    f"{state['checkpoint_hash']} it was written for (a damaged or mismatched file)")
+    return codec
 
 
 # -- delta weights files --------------------------------------------------------------------------------
@@ -151,12 +161,17 @@ def make_delta(full: Path, base: Path, out: Path, name: str = "neural_rvq") -> P
 def _apply_delta(name: str, state: dict, path: Path) -> dict:
     """The full state dict of a delta file: its base (a full file of codec ``name`` with the hash
     ``state["delta_of"]``, shipped or in the delta's folder) minus the dropped keys, plus the delta's tensors."""
+    seen = {path.resolve()}
     siblings = sorted(path.parent.glob("*.pt"))  # the shipped files, then any beside the delta
     for cand in (spec(name).default_weights, *spec(name).previous_weights, *siblings):
-        if cand is None or not cand.exists() or cand == path:
+        if cand is None or not cand.exists() or cand.resolve() in seen:
             continue
-        base = torch.load(cand, map_location="cpu", weights_only=True)
-        if "delta_of" in base or _hash_of(name, cand) != state["delta_of"]:
+        seen.add(cand.resolve())
+        try:
+            base = _read_state(name, cand)  # read once: hashed from this, and rebuilt over if it matches
+            if "delta_of" in base or _hash_of(name, cand, base) != state["delta_of"]:
+                continue
+        except Exception:  # noqa: BLE001 - a file beside the delta that is no full checkpoint of this codec
             continue
         model = {k: v for k, v in base.get("model", base).items() if k not in set(state["drop"])}
         model.update(state["model"])
@@ -166,9 +181,10 @@ def _apply_delta(name: str, state: dict, path: Path) -> dict:
                                 f"or pass the full checkpoint with --codec-weights PATH")
 
 
-def _hash_of(name: str, path: Path) -> str:
+def _hash_of(name: str, path: Path, state: dict | None = None) -> str:
+    """Checkpoint hash of the weights file ``path`` (cached; ``state``: the file, when already read)."""
     if path not in _SHIPPED_HASHES:
-        _SHIPPED_HASHES[path] = load(name, path).checkpoint_hash()
+        _SHIPPED_HASHES[path] = (load(name, path) if state is None else _codec_from(name, state, path)).checkpoint_hash()
     return _SHIPPED_HASHES[path]
 
 
