@@ -1,7 +1,10 @@
 """Codec speed per device and batch size, encode and decode, for every registered codec; optional reduced
-precision fidelity check (codes agreement + decoded SNR vs fp32); FLOPs per audio second.
+precision fidelity check (codes agreement + decoded SNR vs fp32); FLOPs per audio second; with
+``--agreement``, how often fp32 encodes of the same audio disagree across arithmetic (thread counts, float64,
+and CUDA when present) at every rung of the ladder: the "rare ties" of the nearest-codeword search.
 
     python -m jobs.bench_codec [--seconds 10 --batches 1,8,64 --precision bf16]
+    python -m jobs.bench_codec --agreement [--agreement-files 20]      # held-out corpus audio
     python -m jobs.bench_codec --codecs encodec_24khz --codec-weights encodec_24khz=encodec_24khz-d7cc33bc.th
 
 Codecs that ship no weights (EnCodec) run only with ``--codec-weights NAME=PATH``.
@@ -58,6 +61,18 @@ def bench(codec, device: str, batch: int, seconds: float, n_q: int, precision: s
     return out
 
 
+def _speechlike(seconds: float, rate: int) -> np.ndarray:
+    """A harmonic chirp with vibrato, a syllable-rate envelope and noise bursts: ``[T] float32``."""
+    rng = np.random.default_rng(1)
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = 140 + 60 * np.sin(2 * np.pi * 0.7 * t) + 8 * np.sin(2 * np.pi * 5 * t)
+    ph = 2 * np.pi * np.cumsum(f0) / rate
+    x = sum(np.sin(k * ph) / k for k in range(1, 30) if k * 200 < rate / 2)
+    x = x * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2)  # syllable-rate envelope
+    x = x + 0.3 * rng.standard_normal(t.size) * (np.sin(2 * np.pi * 1.3 * t) > 0.8)  # fricative bursts
+    return (0.25 * x / np.abs(x).max()).astype(np.float32)
+
+
 def fidelity(codec, device: str, precision: str, n_q: int, seconds: float = 10.0) -> dict:
     """What ``precision`` (autocast on the encode) costs against fp32 on the same device (CPU: CPU autocast,
     a preview of the GPU's rounding): code agreement, decoded SNR between the two decodes, and the
@@ -66,22 +81,16 @@ def fidelity(codec, device: str, precision: str, n_q: int, seconds: float = 10.0
     vibrato and noise bursts (speech-like energy from 100 Hz to 8 kHz)."""
     from pipeline.codec import metrics
     from pipeline.codec.windows import decode_array, encode_array
-    rng = np.random.default_rng(1)
     rate = codec.sample_rate
-    t = np.arange(int(seconds * rate)) / rate
-    f0 = 140 + 60 * np.sin(2 * np.pi * 0.7 * t) + 8 * np.sin(2 * np.pi * 5 * t)
-    ph = 2 * np.pi * np.cumsum(f0) / rate
-    x = sum(np.sin(k * ph) / k for k in range(1, 30) if k * 200 < rate / 2)
-    x = x * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2)  # syllable-rate envelope
-    x = x + 0.3 * rng.standard_normal(t.size) * (np.sin(2 * np.pi * 1.3 * t) > 0.8)  # fricative bursts
-    x = (0.25 * x / np.abs(x).max()).astype(np.float32)
-    x = np.broadcast_to(x, (codec.channels, t.size)).copy()
+    x = _speechlike(seconds, rate)
+    n = x.size
+    x = np.broadcast_to(x, (codec.channels, n)).copy()
     with torch.inference_mode():
         ref, g_ref = encode_array(codec, x, n_q, with_gains=True, device=device)
         with placement.autocast(device, precision, allow_cpu=True):
             low, g_low = encode_array(codec, x, n_q, with_gains=True, device=device)
-        a = decode_array(codec, ref, t.size, gains=g_ref, device=device)
-        b = decode_array(codec, low, t.size, gains=g_low, device=device)
+        a = decode_array(codec, ref, n, gains=g_ref, device=device)
+        b = decode_array(codec, low, n, gains=g_low, device=device)
     agree = float((ref == low).mean())
     snr = 10 * np.log10(np.sum(a.astype(np.float64) ** 2) / max(np.sum((a - b).astype(np.float64) ** 2), 1e-20))
     return {"precision": precision, "device": device, "n_q": n_q, "codes_agreement": round(agree, 5),
@@ -90,6 +99,74 @@ def fidelity(codec, device: str, precision: str, n_q: int, seconds: float = 10.0
             f"mel_distance_{precision}": round(metrics.mel_distance(x[0], b[0], rate), 4),
             "si_sdr_fp32_db": round(metrics.si_sdr(x[0], a[0]), 2),
             f"si_sdr_{precision}_db": round(metrics.si_sdr(x[0], b[0]), 2)}
+
+
+class _Float64:
+    """``codec`` computing its encode in float64: the exact-arithmetic reference every fp32 encode (any thread
+    count, any device) approximates; codes from two fp32 encodes can only differ where one of them differs
+    from this one."""
+
+    def __init__(self, codec):
+        import copy
+        self._codec = copy.deepcopy(codec).double()
+
+    def __getattr__(self, name):
+        return getattr(self._codec, name)
+
+    def encode_with_gains(self, wav, n_q):
+        return self._codec.encode_with_gains(wav.double(), n_q)
+
+
+def agreement_audio(n_files: int, seconds: float) -> list[tuple[str, np.ndarray]]:
+    """Held-out speech and music references of the Debian corpus (``jobs.codec_eval``'s draw) when the corpus
+    is fetched, else the synthetic speech-like signal of ``fidelity`` (named so in the output)."""
+    from pipeline import corpus
+    root = corpus.default_cache()
+    if root.exists() and any(corpus.audio_files(root)):
+        from jobs.codec_eval import load_references
+        return [(f"{r['kind']}:{r['name']}", r["audio"]) for r in load_references(root, n_files, seconds, True)]
+    return [("synthetic", _speechlike(seconds, 24000))]
+
+
+def agreement(codec, clips: list, n_qs, threads: int, device: str) -> list[dict]:
+    """Per rung: how often the codes of fp32 encodes differ from the 1-thread CPU fp32 encode of the same audio
+    (``vs``: ``threads_N`` = another CPU summation order, ``float64`` = exact arithmetic, ``cuda`` = the GPU in
+    strict fp32), as the share of code entries and of frames with any stage differing, and what a flip costs:
+    the SNR of the decode of the other codes against the decode of the reference codes (same decoder)."""
+    from pipeline.codec.windows import decode_array, encode_array
+    ref_threads = torch.get_num_threads()
+    variants = [(f"threads_{threads}", "cpu", codec)] if threads != 1 else []
+    variants.append(("float64", "cpu", _Float64(codec)))
+    if device == "cuda":
+        import copy
+        variants.append(("cuda", "cuda", copy.deepcopy(codec).to("cuda")))
+    rows = []
+    for n_q in n_qs:
+        torch.set_num_threads(1)
+        clips_c = [np.broadcast_to(x, (codec.channels, x.size)).copy() for _, x in clips]
+        refs = [encode_array(codec, x, n_q) for x in clips_c]
+        for vs, dev, c in variants:
+            torch.set_num_threads(threads if vs.startswith("threads") else 1)
+            diff = entries = frames = frames_diff = 0
+            err = sig = 0.0
+            for x, ref in zip(clips_c, refs):
+                other = encode_array(c, x, n_q, device=dev)
+                d = other != ref
+                diff += int(d.sum())
+                entries += d.size
+                frames += d.shape[2]
+                frames_diff += int(d.any(axis=1).sum())
+                if d.any():
+                    torch.set_num_threads(1)
+                    a = decode_array(codec, ref, x.shape[1]).astype(np.float64)
+                    b = decode_array(codec, other, x.shape[1]).astype(np.float64)
+                    err += float(np.sum((a - b) ** 2))
+                    sig += float(np.sum(a ** 2))
+            rows.append({"n_q": n_q, "vs": vs, "codes_differing": round(diff / entries, 6),
+                         "frames_differing": round(frames_diff / frames, 6), "code_entries": entries,
+                         "decoded_snr_db": round(10 * np.log10(sig / err), 1) if err else None})
+    torch.set_num_threads(ref_threads)
+    return rows
 
 
 def main(argv=None) -> None:
@@ -103,6 +180,10 @@ def main(argv=None) -> None:
     ap.add_argument("--codecs", help="comma-separated codec names (default: every codec that ships weights)")
     ap.add_argument("--codec-weights", action="append", default=[], metavar="NAME=PATH",
                     help="checkpoint of a codec (required for codecs that ship none, e.g. encodec_24khz)")
+    ap.add_argument("--agreement", action="store_true", help="only measure how often fp32 encodes disagree "
+                    "across thread counts, float64 and CUDA (when present), per rung of the ladder")
+    ap.add_argument("--agreement-files", type=int, default=20, help="held-out references per content kind")
+    ap.add_argument("--agreement-seconds", type=float, default=8.0)
     a = ap.parse_args(argv)
     weights = dict(w.split("=", 1) for w in a.codec_weights)
     names = a.codecs.split(",") if a.codecs else [n for n in registry.names()
@@ -114,6 +195,13 @@ def main(argv=None) -> None:
                       "torch": torch.__version__, "threads": a.threads}))
     for dev in devices:
         placement.strict_fp32(dev, "fp32")  # the fp32 reference really is fp32 on CUDA (no TF32)
+    if a.agreement:
+        clips = agreement_audio(a.agreement_files, a.agreement_seconds)
+        for name in names:
+            codec = registry.load(name, weights.get(name))
+            for r in agreement(codec, clips, codec.ladder_n_q, max(2, a.threads), devices[-1]):
+                print(json.dumps({"codec": name, "clips": len(clips), **r}), flush=True)
+        return
     for name in names:
         for dev in devices:
             codec = registry.load(name, weights.get(name), device=dev)

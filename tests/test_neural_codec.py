@@ -630,6 +630,22 @@ def test_shipped_weights_roundtrip(shipped):
     assert (a == b).mean() >= 0.999
 
 
+def test_fp32_codes_agree_across_thread_counts_and_with_float64_except_at_rare_ties(shipped):
+    """The README's promise: codes of the same audio do not depend on how the machine sums (thread count;
+    float64 stands for any other exact-enough arithmetic, e.g. a GPU in strict fp32) except at near-ties."""
+    from jobs.bench_codec import _speechlike, agreement
+    clip = _speechlike(3.0, RATE)
+    threads = torch.get_num_threads()
+    rows = agreement(shipped, [("speechlike", clip)], (2, 16), threads=2, device="cpu")
+    assert {(r["n_q"], r["vs"]) for r in rows} == {(2, "threads_2"), (2, "float64"), (16, "threads_2"),
+                                                   (16, "float64")}
+    for r in rows:
+        assert r["code_entries"] == r["n_q"] * shipped.n_frames(clip.size)
+        assert r["codes_differing"] <= 0.005, r
+        assert r["decoded_snr_db"] is None or r["decoded_snr_db"] > 30, r
+    assert torch.get_num_threads() == threads  # the thread count it found is restored
+
+
 def test_cli_runs_the_codec_jobs_with_their_options(capsys):
     """`audioarc codec-eval` / `audioarc train` hand their options to the job entrypoints."""
     from pipeline.cli import main
