@@ -11,7 +11,9 @@ must be storage every worker sees), and the run ends by checking that every repl
 weights and codebooks. Training audio: every audio file under ``--data`` (a folder or a URL prefix such
 as ``s3://bucket/audio/``; default: the Debian corpus), minus the held-out split (``corpus.is_heldout``),
 resampled to 24 kHz mono and cached as one ``.npz``. Checkpoints (model, optimizer, quantizer EMA state,
-step, wall time) go to ``RUN_DIR/ckpt.pt`` every ``--ckpt-every`` steps; ``--resume`` continues from there.
+step, wall time, the run's settings) go to ``RUN_DIR/ckpt.pt`` every ``--ckpt-every`` steps; ``--resume``
+continues from there with the checkpoint's settings (loss weights, rung decoder, data mix, ...), changing only
+the options given again on the command line (the shape of what is trained cannot change on resume).
 The best model so far (multi-scale mel loss at 6 kbps on a fixed set of training segments) is written to
 ``--out`` as ``{"model": state_dict}``.
 
@@ -268,7 +270,9 @@ def train_loop(config: dict) -> None:
         step, elapsed = ck["step"], ck["elapsed"]
         best = best if config.get("reset_best") else ck.get("best", best)
         sampler.rng = np.random.default_rng(data_seed + step)
-        log(f"resumed from {ckpt_path} at step {step} ({elapsed / 60:.1f} min)")
+        changes = config.get("resume_changes")
+        log(f"resumed from {ckpt_path} at step {step} ({elapsed / 60:.1f} min) with its settings"
+            + (f"; changed: {', '.join(f'{k}={v!r}' for k, v in changes.items())}" if changes else ""))
     elif rung:
         vq.seed_from_codebooks(config["batch"] * config["seg_frames"])  # frozen: never updated
         log(f"rung decoder for {rung} stages, from {config['init_from']} "
@@ -421,6 +425,51 @@ def default_config(args) -> dict:
     }
 
 
+# what is trained (and so what the checkpoint's tensors are): fixed for the life of a run
+SHAPE_KEYS = ("width", "latent_dim", "dilations", "n_q", "codebook_size", "rung_decoder", "rung_extra_blocks",
+              "rung_ahead_blocks")
+# options that belong to this invocation, not to the run (never taken from the checkpoint)
+INVOCATION_KEYS = ("resume", "reset_best", "restart_schedule", "run_dir")
+
+
+def given_options(argv) -> set[str]:
+    """The ``dest`` of every option given explicitly in ``argv`` (``None``: ``sys.argv[1:]``)."""
+    ap = build_parser()
+    for a in ap._actions:
+        a.default = argparse.SUPPRESS
+    return set(vars(ap.parse_args(argv)))
+
+
+def resumed_config(config: dict, given: set[str]) -> dict:
+    """``--resume``: the settings saved in ``RUN_DIR/ckpt.pt``, with those options the command line gives
+    (``given``: their ``default_config`` keys) taken from ``config``. Without a checkpoint, or one from before
+    settings were saved, ``config`` as is. Raises ValueError when a given option changes what is trained."""
+    ckpt = Path(config["run_dir"]) / "ckpt.pt"
+    if not ckpt.exists():
+        return config
+    import torch
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False).get("config")
+    if not saved:
+        return config
+    given = {"use_ray" if g == "no_ray" else g for g in given}
+    changed = [k for k in SHAPE_KEYS if k in given and not _same(saved.get(k), config[k])]
+    if changed:
+        raise ValueError(f"{ckpt}: --resume cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} "
+                         f"(the checkpoint has {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); start a new "
+                         f"--run-dir, or --init-from a weights file to fine-tune")
+    merged = {**config, **saved}
+    for k in (*INVOCATION_KEYS, *(g for g in given if g in config)):
+        merged[k] = config[k]
+    merged["resume_changes"] = {k: config[k] for k in sorted(given) if k in config and k not in INVOCATION_KEYS
+                                and not _same(saved.get(k), config[k])}  # logged by the loop
+    return merged
+
+
+def _same(a, b) -> bool:
+    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (JSON-ish: tuples load as lists)
+    return norm(a) == norm(b)
+
+
 def combine_rung_decoders(base: Path, rung_files: list[Path], out: Path, log=print) -> Path:
     """Write ``out``: the weights ``base`` plus the rung decoders trained on it (``--rung-decoder`` runs'
     weights files), rung decoders as float16; a rung decoder the base already has is replaced (a run
@@ -528,28 +577,31 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     ap = build_parser()
     args = ap.parse_args(argv)
-    if args.workers < 1 or (args.workers > 1 and args.no_ray):
-        ap.error("--workers N needs N >= 1, and more than one worker runs through Ray Train (drop --no-ray)")
     if args.combine:
         if len(args.combine) < 2:
             ap.error("--combine needs BASE and at least one rung-decoder weights file")
         combine_rung_decoders(args.combine[0], args.combine[1:], args.out)
         return
-    build_cache(args.data, args.cache, max_speech_files=args.max_speech_files)
     config = default_config(args)
-    if args.no_ray:
+    if args.resume:
+        config = resumed_config(config, given_options(argv))
+    if config["workers"] < 1 or (config["workers"] > 1 and not config["use_ray"]):
+        ap.error("--workers N needs N >= 1, and more than one worker runs through Ray Train (drop --no-ray)")
+    build_cache(args.data, Path(config["cache"]), max_speech_files=args.max_speech_files)
+    if not config["use_ray"]:  # (on --resume: as the run was started, unless --no-ray is given)
         train_loop(config)
         return
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    threads, workers = config["threads"], config["workers"]
     if not ray.is_initialized():
-        ray.init(num_cpus=max(2, args.threads), include_dashboard=False, log_to_driver=True)
-    use_gpu = bool(ray.cluster_resources().get("GPU", 0)) and not args.cpu
+        ray.init(num_cpus=max(2, threads), include_dashboard=False, log_to_driver=True)
+    use_gpu = bool(ray.cluster_resources().get("GPU", 0)) and not config["cpu"]
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": args.worker_cpus or args.threads,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": args.worker_cpus or threads,
                                                            **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(name="neural_rvq", storage_path=str((args.run_dir / "ray").resolve())),
     )

@@ -422,8 +422,15 @@ def test_train_job_trains_a_rung_decoder_only(tmp_path):
           "--init-from", str(tmp_path / "w.pt"), "--w-env", "1.0"]
     train_codec.main([*rd, "--steps", "2"])
     assert "rung decoder for 2 stages" in (tmp_path / "rd" / "train.log").read_text()
-    train_codec.main([*rd, "--steps", "3", "--resume"])
-    assert torch.load(tmp_path / "rd" / "ckpt.pt", weights_only=False)["step"] == 3
+    # --resume alone continues the run as it was set up (rung decoder, loss weights, output), only the options
+    # given again change; what is trained cannot change
+    train_codec.main(["--run-dir", str(tmp_path / "rd"), "--resume", "--steps", "3", "--w-mdct", "3"])
+    ck = torch.load(tmp_path / "rd" / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 3 and ck["config"]["rung_decoder"] == 2 and ck["config"]["w_env"] == 1.0
+    assert ck["config"]["w_mdct"] == 3.0 and ck["config"]["out"] == str((tmp_path / "rd.pt").resolve())
+    assert "with its settings; changed: steps=3, w_mdct=3.0" in (tmp_path / "rd" / "train.log").read_text()
+    with pytest.raises(ValueError, match="cannot change --rung-ahead-blocks"):
+        train_codec.main(["--run-dir", str(tmp_path / "rd"), "--resume", "--rung-ahead-blocks", "2"])
     w = torch.load(tmp_path / "rd" / "last.pt", weights_only=True)
     tuned = w["model"]
     assert w["config"]["rung_decoders"] == [2]
