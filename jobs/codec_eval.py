@@ -184,6 +184,9 @@ def score(ref: np.ndarray, deg: np.ndarray, kind: str, use_visqol: bool, visqol_
     from pipeline.codec import metrics
     out = {"mel": metrics.mel_distance(ref, deg, RATE), "si_sdr": metrics.si_sdr(ref, deg)}
     out["stoi"] = metrics.stoi(ref, deg, RATE) if kind == "speech" else None
+    bands = metrics.stoi_bands(ref, deg, RATE) if kind == "speech" else None
+    if bands is not None:  # where intelligibility is lost: STOI per one-third-octave band (their mean is STOI)
+        out.update({f"stoi_{hz:.0f}hz": float(v) for hz, v in zip(*bands)})
     if use_visqol:
         n = int(visqol_seconds * RATE)
         try:
@@ -203,11 +206,31 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for (codec, kbps, kind), rs in sorted(groups.items(), key=lambda g: (g[0][2], g[0][1], g[0][0])):
         s = {"codec": codec, "kbps": kbps, "kind": kind, "files": len(rs)}
-        for m in ("mel", "si_sdr", "stoi", "visqol", "actual_kbps", "enc_xrt", "dec_xrt"):
+        for m in ("mel", "si_sdr", "stoi", "visqol", "actual_kbps", "enc_xrt", "dec_xrt", *_band_keys(rs)):
             vals = [r[m] for r in rs if r.get(m) is not None]
             s[m] = round(float(np.mean(vals)), 4) if vals else None
         out.append(s)
     return out
+
+
+def _band_keys(rows: list[dict]) -> list[str]:
+    """The per-band STOI columns present (``stoi_<centre>hz``), lowest band first."""
+    keys = {k for r in rows for k in r if k.startswith("stoi_") and k.endswith("hz")}
+    return sorted(keys, key=lambda k: float(k[5:-2]))
+
+
+def bands_markdown(summary: list[dict]) -> str:
+    """STOI per one-third-octave band (rows) for each codec x kbps on speech (columns); "" when none."""
+    cols = [s for s in summary if s["kind"] == "speech" and any(k.startswith("stoi_") for k in s)]
+    keys = _band_keys(cols)
+    if not cols or not keys:
+        return ""
+    head = "| band Hz | " + " | ".join(f"{s['codec']} {s['kbps']:g}" for s in cols) + " |"
+    lines = ["STOI by one-third-octave band, speech (the mean over bands is the STOI above):", "", head,
+             "|" + "---|" * (len(cols) + 1)]
+    for k in keys:
+        lines.append(f"| {k[5:-2]} | " + " | ".join("-" if s.get(k) is None else f"{s[k]:.3f}" for s in cols) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def to_markdown(summary: list[dict]) -> str:
@@ -251,12 +274,16 @@ def write_outputs(rows: list[dict], speed: dict, out_dir: Path) -> list[dict]:
         raise SystemExit("nothing was evaluated (no codec or baseline could run at these bitrates)")
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        fields = list(dict.fromkeys(k for r in rows for k in r))  # rows of merged runs may lack the band columns
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
     summary = summarize(rows)
     (out_dir / "summary.json").write_text(json.dumps({"summary": summary, "speed": speed}, indent=1) + "\n")
     md = to_markdown(summary)
+    bands = bands_markdown(summary)
+    if bands:
+        md += "\n" + bands
     for name, sp in speed.items():
         md += f"\n{name} throughput ({sp['threads']} threads, {sp['seconds']:g} s): " + ", ".join(
             f"{k} {v}x" for k, v in sp.items() if k.endswith(tuple(f"nq{q}" for q in (8, 32)))) + "\n"

@@ -570,6 +570,17 @@ def test_metrics_identity_and_ranking():
     if s is not None:
         assert s > 0.99
         assert metrics.stoi(x, lo, RATE) > metrics.stoi(x, hi, RATE)
+        # per band: the mean is STOI, and noise confined above 1.2 kHz costs only the bands up there
+        t = np.arange(3 * RATE) / RATE
+        sp = sum(np.sin(2 * np.pi * k * 150 * t) / k for k in range(1, 26)) * (0.2 + np.sin(2 * np.pi * 2.5 * t) ** 2)
+        sp = (0.1 * sp).astype(np.float32)
+        spec = np.fft.rfft(rng.standard_normal(sp.size))
+        spec[np.fft.rfftfreq(sp.size, 1 / RATE) < 1200] = 0
+        noisy = sp + (0.05 * np.fft.irfft(spec, sp.size) / np.fft.irfft(spec, sp.size).std()).astype(np.float32)
+        hz, bands = metrics.stoi_bands(sp, noisy, RATE)
+        assert len(hz) == len(bands) == 15 and hz[0] == pytest.approx(150, abs=1)
+        assert bands.mean() == pytest.approx(metrics.stoi(sp, noisy, RATE), abs=1e-9)
+        assert bands[hz < 800].min() > 0.99 and bands[hz > 1500].max() < 0.9, bands
 
 
 @pytest.mark.slow
@@ -585,7 +596,10 @@ def test_visqol_ranks_noise():
 
 def test_eval_job_runs(tmp_path):
     from jobs import codec_eval
+    from jobs.bench_codec import _speechlike
     d = _audio_dir(tmp_path)
+    (d / "klettres-data").mkdir()  # a folder named after a speech package: scored as speech (STOI)
+    sf.write(d / "klettres-data" / "voice.wav", _speechlike(2.0, RATE), RATE)
     baselines = ["opus"] if shutil.which("ffmpeg") else []
     codecs = ["neural_rvq"] if WEIGHTS.exists() else []
     if not codecs and not baselines:
@@ -595,6 +609,13 @@ def test_eval_job_runs(tmp_path):
                                "--out-dir", str(tmp_path / "ev")])
     assert summary and all(s["mel"] is not None for s in summary)
     assert (tmp_path / "ev" / "summary.md").exists() and (tmp_path / "ev" / "results.csv").exists()
+    speech = [s for s in summary if s["kind"] == "speech"]
+    assert speech
+    if speech[0]["stoi"] is not None:  # (pystoi installed) where intelligibility is lost, band by band
+        assert np.mean([speech[0][f"stoi_{hz}hz"] for hz in (150, 189, 238, 300, 378, 476, 600, 756, 952, 1200,
+                                                              1512, 1905, 2400, 3024, 3810)]) == pytest.approx(
+            speech[0]["stoi"], abs=1e-3)
+        assert "STOI by one-third-octave band" in (tmp_path / "ev" / "summary.md").read_text()
     merged = codec_eval.main(["--merge", str(tmp_path / "ev"), "--out-dir", str(tmp_path / "ev2")])
     assert [(s["codec"], s["kind"]) for s in merged] == [(s["codec"], s["kind"]) for s in summary]
     if codecs:  # a labelled second checkpoint of the same codec merges beside the first
