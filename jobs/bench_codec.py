@@ -61,7 +61,7 @@ def bench(codec, device: str, batch: int, seconds: float, n_q: int, precision: s
     return out
 
 
-def _speechlike(seconds: float, rate: int) -> np.ndarray:
+def speechlike(seconds: float, rate: int) -> np.ndarray:
     """A harmonic chirp with vibrato, a syllable-rate envelope and noise bursts: ``[T] float32``."""
     rng = np.random.default_rng(1)
     t = np.arange(int(seconds * rate)) / rate
@@ -82,7 +82,7 @@ def fidelity(codec, device: str, precision: str, n_q: int, seconds: float = 10.0
     from pipeline.codec import metrics
     from pipeline.codec.windows import decode_array, encode_array
     rate = codec.sample_rate
-    x = _speechlike(seconds, rate)
+    x = speechlike(seconds, rate)
     n = x.size
     x = np.broadcast_to(x, (codec.channels, n)).copy()
     with torch.inference_mode():
@@ -125,14 +125,15 @@ def agreement_audio(n_files: int, seconds: float) -> list[tuple[str, np.ndarray]
     if root.exists() and any(corpus.audio_files(root)):
         from jobs.codec_eval import load_references
         return [(f"{r['kind']}:{r['name']}", r["audio"]) for r in load_references(root, n_files, seconds, True)]
-    return [("synthetic", _speechlike(seconds, 24000))]
+    return [("synthetic", speechlike(seconds, 24000))]
 
 
 def agreement(codec, clips: list, n_qs, threads: int, device: str) -> list[dict]:
     """Per rung: how often the codes of fp32 encodes differ from the 1-thread CPU fp32 encode of the same audio
     (``vs``: ``threads_N`` = another CPU summation order, ``float64`` = exact arithmetic, ``cuda`` = the GPU in
     strict fp32), as the share of code entries and of frames with any stage differing, and what a flip costs:
-    the SNR of the decode of the other codes against the decode of the reference codes (same decoder)."""
+    the SNR of the decode of the other codes against the decode of the reference codes (same decoder), over
+    the clips where any code differs. ``clips``: ``(name, [T] float32 at the codec's rate)``."""
     from pipeline.codec.windows import decode_array, encode_array
     ref_threads = torch.get_num_threads()
     variants = [(f"threads_{threads}", "cpu", codec)] if threads != 1 else []
@@ -140,16 +141,16 @@ def agreement(codec, clips: list, n_qs, threads: int, device: str) -> list[dict]
     if device == "cuda":
         import copy
         variants.append(("cuda", "cuda", copy.deepcopy(codec).to("cuda")))
+    clips = [np.broadcast_to(x, (codec.channels, x.size)).copy() for _, x in clips]
     rows = []
     for n_q in n_qs:
         torch.set_num_threads(1)
-        clips_c = [np.broadcast_to(x, (codec.channels, x.size)).copy() for _, x in clips]
-        refs = [encode_array(codec, x, n_q) for x in clips_c]
+        refs = [encode_array(codec, x, n_q) for x in clips]
         for vs, dev, c in variants:
-            torch.set_num_threads(threads if vs.startswith("threads") else 1)
             diff = entries = frames = frames_diff = 0
             err = sig = 0.0
-            for x, ref in zip(clips_c, refs):
+            for x, ref in zip(clips, refs):
+                torch.set_num_threads(threads if vs.startswith("threads") else 1)
                 other = encode_array(c, x, n_q, device=dev)
                 d = other != ref
                 diff += int(d.sum())
