@@ -146,10 +146,11 @@ def agreement(codec, clips: list, n_qs, threads: int, device: str) -> list[dict]
     for n_q in n_qs:
         torch.set_num_threads(1)
         refs = [encode_array(codec, x, n_q) for x in clips]
+        ref_audio: dict[int, np.ndarray] = {}  # decode of a clip's reference codes, once for all variants
         for vs, dev, c in variants:
             diff = entries = frames = frames_diff = 0
             err = sig = 0.0
-            for x, ref in zip(clips, refs):
+            for i, (x, ref) in enumerate(zip(clips, refs)):
                 torch.set_num_threads(threads if vs.startswith("threads") else 1)
                 other = encode_array(c, x, n_q, device=dev)
                 d = other != ref
@@ -159,7 +160,9 @@ def agreement(codec, clips: list, n_qs, threads: int, device: str) -> list[dict]
                 frames_diff += int(d.any(axis=1).sum())
                 if d.any():
                     torch.set_num_threads(1)
-                    a = decode_array(codec, ref, x.shape[1]).astype(np.float64)
+                    if i not in ref_audio:
+                        ref_audio[i] = decode_array(codec, ref, x.shape[1]).astype(np.float64)
+                    a = ref_audio[i]
                     b = decode_array(codec, other, x.shape[1]).astype(np.float64)
                     err += float(np.sum((a - b) ** 2))
                     sig += float(np.sum(a ** 2))

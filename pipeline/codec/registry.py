@@ -173,7 +173,8 @@ def _apply_delta(name: str, state: dict, path: Path) -> dict:
                 continue
         except Exception:  # noqa: BLE001 - a file beside the delta that is no full checkpoint of this codec
             continue
-        model = {k: v for k, v in base.get("model", base).items() if k not in set(state["drop"])}
+        drop = set(state["drop"])
+        model = {k: v for k, v in base.get("model", base).items() if k not in drop}
         model.update(state["model"])
         return {"model": model, "config": state.get("config", {}), "checkpoint_hash": state["checkpoint_hash"]}
     raise CodecUnavailableError(f"{path}: stores only its differences from the {name} weights with checkpoint hash "
