@@ -21,6 +21,11 @@ The best model so far (multi-scale mel loss at 6 kbps on a fixed set of training
 ``pipeline/codec/neural.py``), started as a copy of the shared decoder; the encoder and codebooks are
 frozen, so the codes (and every other rung) stay exactly those of WEIGHTS. Its best model is chosen by
 the training objective at K stages on the fixed segments.
+
+``--keep-codes K --init-from WEIGHTS`` fine-tunes the shared decoder and the codebooks after the first K, with
+the encoder, the first K codebooks and the rung decoders frozen: K-stage codes (and the rung decoder reading
+them) stay exactly those of WEIGHTS, so a release's trained low-rate decoder stays valid while the higher
+rungs improve.
 """
 from __future__ import annotations
 
@@ -256,6 +261,27 @@ def train_loop(config: dict) -> None:
             codec.rvq.set_pair_search(config["pair_search"])
         codec.requires_grad_(False)
         codec.decoder_for(rung).requires_grad_(True)
+    keep = config.get("keep_codes") or 0
+    if keep:
+        if rung:
+            raise ValueError("--keep-codes fine-tunes the shared decoder; --rung-decoder trains a rung decoder "
+                             "with every code kept already: use one of them")
+        if not (config.get("init_from") or config.get("resume")):
+            raise ValueError("--keep-codes keeps the codes of trained weights: pass --init-from WEIGHTS")
+        if not 1 <= keep < codec.n_q:
+            raise ValueError(f"--keep-codes {keep}: must be in [1, {codec.n_q - 1}]")
+        if config.get("init_from"):
+            state = torch.load(config["init_from"], map_location=device, weights_only=True)
+            codec.load_weights(state, str(config["init_from"]))
+        stale = sorted(int(k) for k in codec.rung_decoders if int(k) > keep)
+        if stale:
+            raise ValueError(f"--keep-codes {keep}: {config.get('init_from')} has rung decoders for {stale} stages, "
+                             f"whose codes would change; keep at least {max(stale)} stages' codes")
+        # the encoder, the first `keep` codebooks and every rung decoder stay as they are: the codes of the
+        # first `keep` stages (and what the rung decoders make of them) are exactly those of the weights
+        codec.encoder.requires_grad_(False)
+        codec.rung_decoders.requires_grad_(False)
+        vq.frozen_stages = keep
     params = [p for p in codec.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config["lr"], betas=(0.8, 0.99), weight_decay=1e-5)
     step, elapsed, best = 0, 0.0, float("inf")
@@ -280,10 +306,13 @@ def train_loop(config: dict) -> None:
     elif config.get("init_from"):
         # fine-tune from released weights (no optimizer or EMA state in them): the codebooks are trained,
         # so the quantizer starts initialised, its EMA statistics seeded as if each code were used evenly
-        state = torch.load(config["init_from"], map_location=device, weights_only=True)
-        codec.load_weights(state, str(config["init_from"]))
+        if not keep:  # (--keep-codes loaded them above)
+            state = torch.load(config["init_from"], map_location=device, weights_only=True)
+            codec.load_weights(state, str(config["init_from"]))
         vq.seed_from_codebooks(config["batch"] * config["seg_frames"])  # latent vectors per step
-        log(f"initialised from {config['init_from']} (trained to step {state.get('step', '?')})")
+        log(f"initialised from {config['init_from']} (trained to step {state.get('step', '?')})"
+            + (f"; encoder, first {keep} codebooks and rung decoders frozen "
+               f"({sum(p.numel() for p in params) / 1e6:.2f}M trainable params)" if keep else ""))
     else:
         # per-bin normalisation of the companded MDCT from data
         with torch.no_grad():
@@ -420,14 +449,14 @@ def default_config(args) -> dict:
         "other_fraction": args.other_fraction, "p_full": args.p_full, "w_env": args.w_env,
         "rung_weights": tuple(args.rung_weights) if args.rung_weights else None,
         "rung_decoder": args.rung_decoder, "rung_extra_blocks": args.rung_extra_blocks,
-        "rung_ahead_blocks": args.rung_ahead_blocks, "pair_search": args.pair_search,
+        "rung_ahead_blocks": args.rung_ahead_blocks, "pair_search": args.pair_search, "keep_codes": args.keep_codes,
         "cache": str(args.cache.resolve()), "use_ray": not args.no_ray, "cpu": args.cpu, "workers": args.workers,
     }
 
 
 # what is trained (and so what the checkpoint's tensors are): fixed for the life of a run
 SHAPE_KEYS = ("width", "latent_dim", "dilations", "n_q", "codebook_size", "rung_decoder", "rung_extra_blocks",
-              "rung_ahead_blocks")
+              "rung_ahead_blocks", "keep_codes")
 # options that belong to this invocation, not to the run (never taken from the checkpoint)
 INVOCATION_KEYS = ("resume", "reset_best", "restart_schedule", "run_dir")
 
@@ -563,6 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--pair-search", type=int, default=None, metavar="K", help="with --rung-decoder 2: encode "
                     "the two stages jointly over the K nearest first-stage entries (ResidualVQ.set_pair_search; "
                     "stored in the weights, 0 = greedy) and train the decoder on those codes")
+    ap.add_argument("--keep-codes", type=int, default=None, metavar="K", help="with --init-from: fine-tune the "
+                    "shared decoder and the codebooks after the first K with the encoder, the first K codebooks "
+                    "and the rung decoders frozen, so the codes of the first K stages (and the rung decoders "
+                    "reading them, e.g. a 1.5 kbps one with K=2) stay exactly those of WEIGHTS")
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--val-segments", type=int, default=16)

@@ -490,6 +490,55 @@ def test_train_job_trains_a_rung_decoder_only(tmp_path):
         train_codec.main([*rd, "--run-dir", str(tmp_path / "y"), "--rung-decoder", "1", "--steps", "1"])
 
 
+def test_keep_codes_fine_tunes_the_rest_and_keeps_the_first_stages_codes(tmp_path):
+    """--keep-codes K: a fine-tune that leaves the encoder, the first K codebooks and the rung decoders
+    exactly as released, so K-stage codes and their decoded audio are unchanged, while the shared decoder and
+    the later codebooks learn (and decode the higher rungs differently)."""
+    from jobs import train_codec
+    d = _audio_dir(tmp_path)
+    args = [a if a != "2" or TINY_ARGS[i - 1] != "--n-q" else "4" for i, a in enumerate(TINY_ARGS)]
+    common = ["--data", str(d), "--cache", str(tmp_path / "c.npz"), "--no-ray", *args]
+    train_codec.main([*common, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "w.pt"), "--steps", "3"])
+    train_codec.main([*common, "--run-dir", str(tmp_path / "rd"), "--out", str(tmp_path / "rd.pt"), "--steps", "1",
+                      "--rung-decoder", "2", "--init-from", str(tmp_path / "w.pt")])
+    train_codec.main(["--combine", str(tmp_path / "w.pt"), str(tmp_path / "rd" / "last.pt"),
+                      "--out", str(tmp_path / "release.pt")])
+    kc = [*common, "--run-dir", str(tmp_path / "kc"), "--out", str(tmp_path / "kc.pt"), "--keep-codes", "2",
+          "--init-from", str(tmp_path / "release.pt"), "--lr", "0.01"]
+    train_codec.main([*kc, "--steps", "3"])
+    assert "first 2 codebooks and rung decoders frozen" in (tmp_path / "kc" / "train.log").read_text()
+    train_codec.main(["--run-dir", str(tmp_path / "kc"), "--resume", "--steps", "4"])
+    ck = torch.load(tmp_path / "kc" / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 4 and ck["config"]["keep_codes"] == 2
+    rel = torch.load(tmp_path / "release.pt", weights_only=True)["model"]
+    tuned = torch.load(tmp_path / "kc" / "last.pt", weights_only=True)["model"]
+    assert set(tuned) == set(rel)
+    for k in rel:
+        if k.startswith(("encoder.", "rung_decoders.", "feat_scale")):
+            assert torch.equal(tuned[k], rel[k]), k
+    assert torch.equal(tuned["rvq.codebooks"][:2], rel["rvq.codebooks"][:2])
+    assert not torch.equal(tuned["rvq.codebooks"][2:], rel["rvq.codebooks"][2:])
+    assert any(not torch.equal(tuned[k], rel[k]) for k in rel if k.startswith("decoder."))
+    codecs = []
+    for w in (rel, tuned):
+        c = NeuralRvqCodec(width=16, latent_dim=4, dilations=(1,), n_q=4, codebook_size=16)
+        c.load_weights({"model": w}, "w")
+        codecs.append(c.eval())
+    wav = torch.from_numpy(chirp(1.0))[None, None]
+    (a2, b2), (a4, b4) = ([c.encode(wav, k) for c in codecs] for k in (2, 4))
+    assert torch.equal(a2, b2) and torch.equal(codecs[0].decode(a2), codecs[1].decode(b2))
+    assert not torch.equal(codecs[0].decode(a4), codecs[1].decode(a4))  # the 4-stage rung is retrained
+    with pytest.raises(ValueError, match="keep at least 2"):  # the 2-stage rung decoder would go stale
+        train_codec.main([*kc, "--run-dir", str(tmp_path / "k1"), "--keep-codes", "1", "--steps", "1"])
+    with pytest.raises(ValueError, match="--init-from"):
+        train_codec.main([*common, "--run-dir", str(tmp_path / "k2"), "--out", str(tmp_path / "x.pt"),
+                          "--keep-codes", "2", "--steps", "1"])
+    with pytest.raises(ValueError, match="use one of them"):
+        train_codec.main([*kc, "--run-dir", str(tmp_path / "k3"), "--rung-decoder", "2", "--steps", "1"])
+    with pytest.raises(ValueError, match="cannot change --keep-codes"):
+        train_codec.main(["--run-dir", str(tmp_path / "kc"), "--resume", "--keep-codes", "3"])
+
+
 def test_rung_weights_and_envelope_loss():
     from pipeline.codec.neural_train import envelope_correlation_loss, sample_n_q
     rng = random.Random(0)

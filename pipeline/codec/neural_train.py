@@ -22,6 +22,9 @@ class EmaRvqTrainer:
     Dead codes: a code whose EMA usage falls below ``dead_fraction`` of the expected usage
     (vectors per batch / K) is replaced by a random residual of the current batch, at most
     ``max_restarts`` codes per stage and step (rate limit), so small batches don't thrash.
+
+    ``frozen_stages``: the first that many codebooks are never updated (neither EMA nor restarts), so their
+    codes stay those of the weights the run started from (``jobs/train_codec.py --keep-codes``).
     """
 
     def __init__(self, codec: NeuralRvqCodec, decay: float = 0.99, dead_fraction: float = 0.03,
@@ -40,6 +43,7 @@ class EmaRvqTrainer:
         self.usage = torch.zeros(n_q, k, device=dev)  # counts since last utilisation report
         self.gen = torch.Generator().manual_seed(seed)
         self.restarts = 0
+        self.frozen_stages = 0
 
     def state_dict(self) -> dict:
         return {"ema_count": self.ema_count, "ema_sum": self.ema_sum, "initialized": self.initialized,
@@ -103,7 +107,10 @@ class EmaRvqTrainer:
             quant_acc = quant_acc + qv
             out = torch.where(active[:, None], quant_acc, out)
             if update and self.codec.training:
-                self._ema_update(q, residual, idx)
+                if q >= self.frozen_stages:
+                    self._ema_update(q, residual, idx)
+                else:  # frozen: still counted for the utilisation report
+                    self.usage[q] += torch.bincount(idx, minlength=k).float()
             residual = residual - qv
             codes.append(idx)
         zq = x + (out - x).detach()
@@ -259,7 +266,8 @@ def forward_train(codec: NeuralRvqCodec, vq: EmaRvqTrainer | None, wav: torch.Te
     Returns ``(loss, logs dict)``.
     """
     y = codec.features(wav[:, None, :])  # [B, hop, F]
-    z = codec.encoder(y, pad=True)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and codec.encoder.inp.weight.requires_grad):
+        z = codec.encoder(y, pad=True)  # (a frozen encoder: no graph to keep)
     commit = wav.new_zeros(())
     if vq is not None and vq.initialized:
         zq, commit, _ = vq.quantize(z, n_q_items)
