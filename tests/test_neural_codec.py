@@ -254,8 +254,27 @@ def test_delta_weights_file_rebuilds_its_release_from_a_full_one(tmp_path):
     # the reverse: the base as a delta of the release (its rung decoder dropped)
     back = registry.make_delta(tmp_path / "base.pt", tmp_path / "rel_full.pt", tmp_path / "base_d.pt")
     assert registry.load("neural_rvq", back).checkpoint_hash() == base.checkpoint_hash()
+    # a chain: an older release stored over the (delta) release, which is stored over the full base
+    older = random_codec(seed=3)
+    with torch.no_grad():
+        for p in older.add_rung_decoder(2).parameters():
+            p.add_(0.02)
+    torch.save({"model": older.state_dict()}, tmp_path / "older_full.pt")
+    od = registry.make_delta(tmp_path / "older_full.pt", tmp_path / "rel_full.pt", tmp_path / "older.pt")
+    (tmp_path / "older_full.pt").unlink()
     back.unlink()
     (tmp_path / "rel_full.pt").unlink()
+    registry._SHIPPED_HASHES.clear()
+    assert registry.load("neural_rvq", od).checkpoint_hash() == older.checkpoint_hash()  # older -> rel -> base
+    # two deltas that name each other as base (no full file behind them) fail with the fix, not a recursion
+    loop = {**torch.load(d, weights_only=True), "delta_of": older.checkpoint_hash()}
+    (tmp_path / "loop").mkdir()
+    torch.save(loop, tmp_path / "loop" / "a.pt")
+    torch.save({**torch.load(od, weights_only=True), "delta_of": rel.checkpoint_hash()}, tmp_path / "loop" / "b.pt")
+    registry._SHIPPED_HASHES.clear()
+    with pytest.raises(CodecUnavailableError, match="a.pt: stores only its differences"):
+        registry.load("neural_rvq", tmp_path / "loop" / "a.pt")
+    od.unlink()
     (tmp_path / "base.pt").rename(tmp_path / "base-renamed.pt")
     registry._SHIPPED_HASHES.clear()
     assert registry.load("neural_rvq", d).checkpoint_hash() == rel.checkpoint_hash()

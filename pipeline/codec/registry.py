@@ -138,16 +138,20 @@ def _codec_from(name: str, state: dict, path: Path) -> Codec:
 
 
 # -- delta weights files --------------------------------------------------------------------------------
-# An earlier release that shares most tensors with a shipped full file is stored as only what differs: the
-# package stays small enough to ship with a Ray job (a runtime env upload is capped at 100 MiB).
+# An earlier release that shares most tensors with another shipped file is stored as only what differs: the
+# package stays small enough to ship with a Ray job (a runtime env upload is capped at 100 MiB). A delta's
+# base may itself be a delta (release N-1 over release N, release N-2 over N-1, ...): it is rebuilt first.
+MAX_DELTA_CHAIN = 8
+
+
 def make_delta(full: Path, base: Path, out: Path, name: str = "neural_rvq") -> Path:
-    """Write ``out``: the weights ``full`` as the tensors that differ from the full file ``base`` (matched
-    by its checkpoint hash at load, so renaming ``base`` keeps it working), the keys ``base`` has and
-    ``full`` lacks, and ``full``'s checkpoint hash, which loading checks."""
+    """Write ``out``: the weights ``full`` as the tensors that differ from ``base`` (a full file; matched by its
+    checkpoint hash at load, so renaming ``base`` keeps it working), the keys ``base`` has and ``full`` lacks,
+    and ``full``'s checkpoint hash, which loading checks."""
     f = torch.load(full, map_location="cpu", weights_only=True)
     b = torch.load(base, map_location="cpu", weights_only=True)
     if "delta_of" in b:
-        raise ValueError(f"{base}: a delta file; a delta's base must be a full weights file")
+        raise ValueError(f"{base}: a delta file; make the delta over the full file it is rebuilt on")
     fm, bm = f.get("model", f), b.get("model", b)
     delta = {k: v for k, v in fm.items() if k not in bm or bm[k].dtype != v.dtype or not torch.equal(bm[k], v)}
     state = {"delta_of": load(name, base).checkpoint_hash(), "drop": sorted(set(bm) - set(fm)), "model": delta,
@@ -158,10 +162,15 @@ def make_delta(full: Path, base: Path, out: Path, name: str = "neural_rvq") -> P
     return out
 
 
-def _apply_delta(name: str, state: dict, path: Path) -> dict:
-    """The full state dict of a delta file: its base (a full file of codec ``name`` with the hash
-    ``state["delta_of"]``, shipped or in the delta's folder) minus the dropped keys, plus the delta's tensors."""
-    seen = {path.resolve()}
+def _apply_delta(name: str, state: dict, path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """The full state dict of a delta file: its base (a file of codec ``name`` with the hash
+    ``state["delta_of"]``, shipped or in the delta's folder; itself rebuilt first if a delta) minus the dropped
+    keys, plus the delta's tensors. ``chain``: the delta files being rebuilt above this one (no file is its own
+    base, however deep the chain)."""
+    chain = (*chain, path.resolve())
+    if len(chain) > MAX_DELTA_CHAIN:
+        raise CodecUnavailableError(f"{path}: more than {MAX_DELTA_CHAIN} delta files deep")
+    seen = set(chain)
     siblings = sorted(path.parent.glob("*.pt"))  # the shipped files, then any beside the delta
     for cand in (spec(name).default_weights, *spec(name).previous_weights, *siblings):
         if cand is None or not cand.exists() or cand.resolve() in seen:
@@ -169,9 +178,11 @@ def _apply_delta(name: str, state: dict, path: Path) -> dict:
         seen.add(cand.resolve())
         try:
             base = _read_state(name, cand)  # read once: hashed from this, and rebuilt over if it matches
-            if "delta_of" in base or _hash_of(name, cand, base) != state["delta_of"]:
+            if "delta_of" in base:
+                base = _apply_delta(name, base, cand, chain)
+            if _hash_of(name, cand, base) != state["delta_of"]:
                 continue
-        except Exception:  # noqa: BLE001 - a file beside the delta that is no full checkpoint of this codec
+        except Exception:  # noqa: BLE001 - a file beside the delta that is no checkpoint of this codec
             continue
         drop = set(state["drop"])
         model = {k: v for k, v in base.get("model", base).items() if k not in drop}
