@@ -318,6 +318,40 @@ def test_training_step_reduces_loss():
     assert len(util) == 4 and all(0.0 <= u <= 1.0 for u in util) and util[0] > 0
 
 
+def test_whole_model_training_trains_each_example_as_inference_decodes_it():
+    """Training reconstructs each example as inference would: through the rung decoder of its stage count (so
+    a whole-model fine-tune keeps a release's rung decoders in step with the codes it changes), from jointly
+    searched codes at 2 stages when the quantizer searches pairs; the rung decoder learns from those examples."""
+    from pipeline.codec.neural_train import decode_per_rung, forward_train
+    c = _perturbed_rung_codec(2, n_q=4)
+    c.rvq.set_pair_search(8)
+    vq = EmaRvqTrainer(c)
+    vq.seed_from_codebooks(64)
+    torch.manual_seed(1)
+    zq = torch.randn(5, 8, 12)
+    nq = torch.tensor([4, 2, 4, 2, 2])
+    y = decode_per_rung(c, zq, nq)
+    for b in range(5):
+        assert torch.allclose(y[b:b + 1], c.decoder_for(int(nq[b]))(zq[b:b + 1], pad=True), atol=1e-5)
+    c.eval()  # (no EMA update) the 2-stage examples are the pair-searched codes, the others greedy ones
+    z = torch.randn(3, 8, 12)
+    q, _, _ = vq.quantize(z, torch.tensor([2, 4, 2]))
+    assert torch.allclose(q[0], c.rvq.decode(c.rvq.encode(z[:1], 2))[0], atol=1e-5)
+    assert torch.allclose(q[1], c.rvq.decode(c.rvq.encode(z[1:2], 4))[0], atol=1e-5)
+    c.rvq.pair_search = 0
+    greedy, _, _ = vq.quantize(z, torch.tensor([2, 4, 2]))
+    assert not torch.allclose(greedy[0], q[0])  # (the search found better pairs on random codebooks)
+    c.rvq.pair_search = 8
+    c.train()
+    wav = torch.from_numpy(np.stack([chirp(33 * 320 / RATE, 100 + 100 * i) for i in range(4)]))
+    before = [p.detach().clone() for p in c.rung_decoders["2"].parameters()]
+    opt = torch.optim.SGD(c.parameters(), lr=0.1)
+    loss, _ = forward_train(c, vq, wav, torch.tensor([2, 4, 2, 4]))
+    loss.backward()
+    opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, c.rung_decoders["2"].parameters()))
+
+
 def test_dead_codes_are_restarted():
     c = NeuralRvqCodec(width=16, latent_dim=4, dilations=(1,), n_q=2, codebook_size=64)
     vq = EmaRvqTrainer(c, decay=0.9, max_restarts=16)

@@ -81,8 +81,9 @@ class EmaRvqTrainer:
         """``z: [B, D, F]``; ``n_q_per_item: [B]`` stages used per example (quantizer dropout).
 
         Returns ``(zq [B, D, F] straight-through, commitment loss, codes [B, n_q, F])``. All stages are
-        quantized (so every codebook keeps learning); example ``b`` is reconstructed from its first
-        ``n_q_per_item[b]`` stages.
+        quantized greedily (so every codebook keeps learning); example ``b`` is reconstructed from its first
+        ``n_q_per_item[b]`` stages, as inference codes them: examples at 2 stages with a quantizer that
+        searches pairs (``rvq.pair_search``) from the jointly searched pair.
         """
         b, d, f = z.shape
         books = self.codec.rvq.codebooks
@@ -113,6 +114,12 @@ class EmaRvqTrainer:
                     self.usage[q] += torch.bincount(idx, minlength=k).float()
             residual = residual - qv
             codes.append(idx)
+        pair = self.codec.rvq.pair_search
+        rows = (nq_rows == 2).nonzero().flatten() if pair and n_q >= 2 else None
+        if rows is not None and len(rows):
+            with torch.no_grad():
+                pc = self.codec.rvq._encode_pair(x.detach()[rows], pair)  # [n, 2]
+                out = out.index_copy(0, rows, books[0][pc[:, 0]] + books[1][pc[:, 1]])
         zq = x + (out - x).detach()
         zq = zq.reshape(b, f, d).permute(0, 2, 1)
         codes = torch.stack(codes, 1).reshape(b, f, n_q).permute(0, 2, 1)
@@ -273,12 +280,33 @@ def forward_train(codec: NeuralRvqCodec, vq: EmaRvqTrainer | None, wav: torch.Te
         zq, commit, _ = vq.quantize(z, n_q_items)
     else:
         zq = z
-    y_hat = codec.decoder(zq, pad=True)
+    y_hat = decode_per_rung(codec, zq, n_q_items if vq is not None and vq.initialized else None)
     loss, logs = reconstruction_loss(codec, wav, y, y_hat, w_mel, w_mdct, w_time, w_env)
     loss = loss + w_commit * commit
     logs["commit"] = float(commit.detach())
     logs["loss"] = loss.item()
     return loss, logs
+
+
+def decode_per_rung(codec: NeuralRvqCodec, zq: torch.Tensor, n_q_items: torch.Tensor | None) -> torch.Tensor:
+    """``zq: [B, D, F]`` -> ``y_hat: [B, hop, F]`` (zero-padded convolutions): each example through the decoder
+    inference uses for its stage count (``codec.decoder_for``: a rung decoder where the codec has one, else the
+    shared one), so a whole-model fine-tune keeps every decoder in step with the codes it changes. A rung
+    decoder frozen by the caller (no ``requires_grad``) still passes the gradient on to the encoder."""
+    if n_q_items is None or not len(codec.rung_decoders):
+        return codec.decoder(zq, pad=True)
+    n_q_items = n_q_items.to(zq.device)
+    groups = [(codec.decoder, ~torch.isin(n_q_items, torch.tensor([int(k) for k in codec.rung_decoders],
+                                                                   device=zq.device)))]
+    groups += [(dec, n_q_items == int(k)) for k, dec in codec.rung_decoders.items()]
+    idx, parts = [], []
+    for dec, sel in groups:
+        i = sel.nonzero().flatten()
+        if len(i):
+            idx.append(i)
+            parts.append(dec(zq[i], pad=True))
+    order = torch.argsort(torch.cat(idx))
+    return torch.cat(parts)[order]
 
 
 def forward_rung_decoder(codec: NeuralRvqCodec, wav: torch.Tensor, n_q: int, w_mel: float = 1.0,
