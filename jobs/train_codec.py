@@ -209,6 +209,7 @@ def train_loop(config: dict) -> None:
     from pipeline.codec.neural import NeuralRvqCodec
     from pipeline.codec.neural_train import (EmaRvqTrainer, collect_latents, forward_rung_decoder, forward_train,
                                              sample_n_q)
+    from pipeline.codec.registry import read_weights
 
     torch.set_num_threads(int(config["threads"]))
     torch.manual_seed(config["seed"])
@@ -252,7 +253,7 @@ def train_loop(config: dict) -> None:
         if rung not in codec.ladder_n_q:
             raise ValueError(f"--rung-decoder {rung}: not a rung of the ladder {codec.ladder_n_q}")
         if config.get("init_from"):  # load before adding, so a missing rung decoder starts as the shared one
-            state = torch.load(config["init_from"], map_location=device, weights_only=True)
+            state = read_weights(config["init_from"])
             codec.load_weights(state, str(config["init_from"]))
         codec.add_rung_decoder(rung, config.get("rung_extra_blocks", 0), config.get("rung_ahead_blocks", 0))
         if config.get("pair_search") is not None:
@@ -271,7 +272,7 @@ def train_loop(config: dict) -> None:
         if not 1 <= keep < codec.n_q:
             raise ValueError(f"--keep-codes {keep}: must be in [1, {codec.n_q - 1}]")
         if config.get("init_from"):
-            state = torch.load(config["init_from"], map_location=device, weights_only=True)
+            state = read_weights(config["init_from"])
             codec.load_weights(state, str(config["init_from"]))
         stale = sorted(int(k) for k in codec.rung_decoders if int(k) > keep)
         if stale:
@@ -307,7 +308,7 @@ def train_loop(config: dict) -> None:
         # fine-tune from released weights (no optimizer or EMA state in them): the codebooks are trained,
         # so the quantizer starts initialised, its EMA statistics seeded as if each code were used evenly
         if not keep:  # (--keep-codes loaded them above)
-            state = torch.load(config["init_from"], map_location=device, weights_only=True)
+            state = read_weights(config["init_from"])
             codec.load_weights(state, str(config["init_from"]))
         vq.seed_from_codebooks(config["batch"] * config["seg_frames"])  # latent vectors per step
         log(f"initialised from {config['init_from']} (trained to step {state.get('step', '?')})"
@@ -508,11 +509,12 @@ def combine_rung_decoders(base: Path, rung_files: list[Path], out: Path, log=pri
     def rung_of(key: str) -> int | None:  # rung_decoders.<K>.* -> K
         return int(key.split(".")[1]) if key.startswith("rung_decoders.") else None
 
-    b = torch.load(base, map_location="cpu", weights_only=True)
+    from pipeline.codec.registry import read_weights
+    b = read_weights(base)
     model = dict(b["model"])
     rungs = {rung_of(k) for k in model} - {None}
     for f in rung_files:
-        r = torch.load(f, map_location="cpu", weights_only=True)["model"]
+        r = read_weights(f)["model"]
         extra = {k: v for k, v in r.items() if rung_of(k) is not None}
         if "rvq.pair_search_k" in r:  # the rung was trained on jointly searched codes: encode them so
             if int(model.get("rvq.pair_search_k", r["rvq.pair_search_k"])) != int(r["rvq.pair_search_k"]):

@@ -289,6 +289,50 @@ def test_delta_weights_file_rebuilds_its_release_from_a_full_one(tmp_path):
         registry.load("neural_rvq", d)
 
 
+def test_packed_weights_files_load_as_the_originals(tmp_path):
+    """A packed weights file (LZMA byte planes) is smaller, loads to exactly the same tensors and hash (also as
+    a delta's base, or a delta itself), is what a fine-tune can start from, and a damaged or newer-format
+    file is refused with the fix."""
+    from pipeline.codec import packing
+    base = random_codec(seed=4)
+    with torch.no_grad():
+        for p in base.parameters():  # trained-like values: what the byte planes are for
+            p.mul_(0.1)
+    torch.save({"model": base.state_dict(), "config": {"note": 1}, "step": 7}, tmp_path / "base.pt")
+    rel = random_codec(seed=4)
+    rel.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for p in rel.add_rung_decoder(2).parameters():
+            p.add_(0.01)
+    torch.save({"model": rel.state_dict()}, tmp_path / "rel_full.pt")
+    plain = (tmp_path / "base.pt").stat().st_size
+    packing.pack_file(tmp_path / "base.pt")
+    assert (tmp_path / "base.pt").stat().st_size < 0.95 * plain
+    stored = torch.load(tmp_path / "base.pt", weights_only=True)
+    assert packing.is_packed(stored) and "model" not in stored and stored["step"] == 7
+    back = registry.read_weights(tmp_path / "base.pt")
+    assert back["config"] == {"note": 1} and set(back["model"]) == set(base.state_dict())
+    assert all(torch.equal(back["model"][k], v) and back["model"][k].dtype == v.dtype
+               for k, v in base.state_dict().items())
+    registry._SHIPPED_HASHES.clear()
+    assert registry.load("neural_rvq", tmp_path / "base.pt").checkpoint_hash() == base.checkpoint_hash()
+    d = registry.make_delta(tmp_path / "rel_full.pt", tmp_path / "base.pt", tmp_path / "rel.pt")  # packed base
+    packing.pack_file(d)
+    (tmp_path / "rel_full.pt").unlink()
+    assert registry.load("neural_rvq", d).checkpoint_hash() == rel.checkpoint_hash()
+    # a damaged blob, an unknown format, a newer version: refused, naming the fix
+    bad = dict(stored, blob=stored["blob"][:-50])
+    torch.save(bad, tmp_path / "cut.pt")
+    with pytest.raises(CodecUnavailableError, match="cut.pt: its packed tensors are damaged"):
+        registry.load("neural_rvq", tmp_path / "cut.pt")
+    torch.save(dict(stored, packed=["audioarc-packed", 99]), tmp_path / "new.pt")
+    with pytest.raises(CodecUnavailableError, match="new.pt: packed by a newer audioarc.*upgrade"):
+        registry.load("neural_rvq", tmp_path / "new.pt")
+    torch.save(dict(stored, packed=["zstd-planes", 1]), tmp_path / "other.pt")
+    with pytest.raises(CodecUnavailableError, match="unknown format"):
+        registry.read_weights(tmp_path / "other.pt")
+
+
 # -- training ----------------------------------------------------------------------------------------
 def test_training_step_reduces_loss():
     torch.manual_seed(0)
@@ -449,6 +493,8 @@ def test_train_job_fine_tunes_from_released_weights(tmp_path):
     common = ["--data", str(d), "--cache", str(tmp_path / "c.npz"), "--no-ray", *TINY_ARGS]
     train_codec.main([*common, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "w.pt"), "--steps", "3"])
     released = torch.load(tmp_path / "w.pt", weights_only=True)["model"]
+    from pipeline.codec import packing
+    packing.pack_file(tmp_path / "w.pt")  # shipped files are packed: a fine-tune starts from one as well
     train_codec.main([*common, "--run-dir", str(tmp_path / "ft"), "--out", str(tmp_path / "ft.pt"), "--steps", "2",
                       "--init-from", str(tmp_path / "w.pt"), "--w-env", "1.0", "--other-fraction", "0.7",
                       "--rung-weights", "1", "--p-full", "0.1"])

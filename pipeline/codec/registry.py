@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from ..errors import CodecUnavailableError
+from . import packing
 from .base import Codec
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -122,7 +123,13 @@ def _read_state(name: str, path: Path) -> dict:
     if not isinstance(state, dict):
         raise CodecUnavailableError(f"{path}: not a state dict (a {type(state).__name__}); "
                                     f"pass the checkpoint of codec {name!r}")
-    return state
+    return packing.unpack(state, str(path)) if packing.is_packed(state) else state
+
+
+def read_weights(path: str | Path, name: str = "neural_rvq") -> dict:
+    """The dict stored in the weights file ``path`` (a packed one unpacked; a delta file as stored: its
+    differences only), e.g. for a training run to start from. Raises CodecUnavailableError naming the fix."""
+    return _read_state(name, Path(path))
 
 
 def _codec_from(name: str, state: dict, path: Path) -> Codec:
@@ -148,8 +155,7 @@ def make_delta(full: Path, base: Path, out: Path, name: str = "neural_rvq") -> P
     """Write ``out``: the weights ``full`` as the tensors that differ from ``base`` (a full file; matched by its
     checkpoint hash at load, so renaming ``base`` keeps it working), the keys ``base`` has and ``full`` lacks,
     and ``full``'s checkpoint hash, which loading checks."""
-    f = torch.load(full, map_location="cpu", weights_only=True)
-    b = torch.load(base, map_location="cpu", weights_only=True)
+    f, b = read_weights(full, name), read_weights(base, name)
     if "delta_of" in b:
         raise ValueError(f"{base}: a delta file; make the delta over the full file it is rebuilt on")
     fm, bm = f.get("model", f), b.get("model", b)

@@ -1,0 +1,102 @@
+"""Weights files at rest: a state dict's tensors as LZMA-compressed byte planes (lossless, ~15 % smaller).
+
+Trained float32 weights compress poorly as they are (their low mantissa bytes are noise), but their high bytes
+(sign, exponent, top of the mantissa) repeat a lot: splitting every tensor into byte planes (all first bytes,
+then all second bytes, ...) before LZMA saves ~15 % of a ``neural_rvq`` file, enough to keep every shipped
+release under Ray's 100 MiB cap on a job's uploaded package. Unpacking 20 MiB takes ~0.3 s on this CPU.
+
+A packed file is an ordinary ``torch.save`` file (loadable with ``weights_only=True``)::
+
+    {"packed": ["audioarc-packed", 1], "meta": [[key, dtype, shape], ...], "blob": uint8 tensor,
+     ...every other entry of the original dict (config, step, checkpoint hash, ...) unchanged}
+
+where ``meta`` lists the tensors of the original ``"model"`` dict in order and ``blob`` is their byte planes,
+concatenated, LZMA-compressed. ``unpack`` rejects another magic or a newer version, naming the fix.
+"""
+from __future__ import annotations
+
+import lzma
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import CodecUnavailableError
+
+MAGIC = "audioarc-packed"
+VERSION = 1
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
+                               torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
+
+
+def is_packed(state: dict) -> bool:
+    return isinstance(state, dict) and "packed" in state
+
+
+def pack(state: dict) -> dict:
+    """``state`` (``{"model": {key: tensor}, ...}``) -> the packed dict (see the module docstring)."""
+    model = state["model"]
+    meta, planes = [], []
+    for key, t in model.items():
+        t = t.detach().cpu().contiguous()
+        if str(t.dtype) not in _DTYPES:
+            raise ValueError(f"cannot pack tensor {key} of dtype {t.dtype}")
+        meta.append([key, str(t.dtype), list(t.shape)])
+        b = t.reshape(-1).view(torch.uint8).reshape(-1, t.element_size())  # [numel, bytes per element]
+        planes.append(b.t().contiguous().numpy().tobytes())
+    blob = lzma.compress(b"".join(planes), preset=6)
+    out = {k: v for k, v in state.items() if k != "model"}
+    out.update(packed=[MAGIC, VERSION], meta=meta, blob=torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+    return out
+
+
+def unpack(state: dict, where: str = "weights file") -> dict:
+    """The packed dict ``state`` -> the original dict with its ``"model"`` tensors. Raises
+    CodecUnavailableError for another format or a newer version, or a blob that does not match its list."""
+    magic = state.get("packed")
+    if not (isinstance(magic, (list, tuple)) and len(magic) == 2 and magic[0] == MAGIC):
+        raise CodecUnavailableError(f"{where}: packed in an unknown format {magic!r}; pass a weights file "
+                                    f"written by audioarc")
+    if not isinstance(magic[1], int) or magic[1] > VERSION:
+        raise CodecUnavailableError(f"{where}: packed by a newer audioarc (format version {magic[1]}, this one "
+                                    f"reads up to {VERSION}); upgrade audioarc to load it")
+    try:
+        raw = lzma.decompress(state["blob"].numpy().tobytes())
+    except lzma.LZMAError as e:
+        raise CodecUnavailableError(f"{where}: its packed tensors are damaged ({e}); reinstall the file") from None
+    model, off = {}, 0
+    for key, dtype, shape in state["meta"]:
+        dt = _DTYPES[dtype]
+        size = torch.empty((), dtype=dt).element_size()
+        n = 1
+        for s in shape:
+            n *= s
+        chunk = raw[off:off + n * size]
+        if len(chunk) != n * size:
+            raise CodecUnavailableError(f"{where}: its packed tensors end before {key}; reinstall the file")
+        b = torch.frombuffer(bytearray(chunk), dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
+        model[key] = b.reshape(size, n).t().contiguous().view(dt).reshape(shape)
+        off += n * size
+    if off != len(raw):
+        raise CodecUnavailableError(f"{where}: {len(raw) - off} packed bytes beyond its tensors; reinstall the file")
+    out = {k: v for k, v in state.items() if k not in ("packed", "meta", "blob")}
+    out["model"] = model
+    return out
+
+
+def pack_file(path: Path, out: Path | None = None) -> Path:
+    """Pack the weights file ``path`` into ``out`` (default: in place), checking it unpacks to the same tensors."""
+    path = Path(path)
+    out = Path(out) if out is not None else path
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if is_packed(state):
+        if out != path:
+            out.write_bytes(path.read_bytes())
+        return out
+    packed = pack(state)
+    back = unpack(packed, str(path))["model"]
+    if set(back) != set(state["model"]) or not all(torch.equal(back[k], v) for k, v in state["model"].items()):
+        raise AssertionError(f"{path}: packing did not round-trip")
+    torch.save(packed, str(out) + ".tmp")
+    os.replace(str(out) + ".tmp", out)
+    return out
