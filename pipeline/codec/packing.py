@@ -75,7 +75,7 @@ def unpack(state: dict, where: str = "weights file") -> dict:
         if len(chunk) != n * size:
             raise CodecUnavailableError(f"{where}: its packed tensors end before {key}; reinstall the file")
         b = torch.frombuffer(bytearray(chunk), dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
-        model[key] = b.reshape(size, n).t().contiguous().view(dt).reshape(shape)
+        model[key] = b.reshape(size, n).t().flatten().clone().view(dt).reshape(shape)  # (clone: 0-d and 1-element too)
         off += n * size
     if off != len(raw):
         raise CodecUnavailableError(f"{where}: {len(raw) - off} packed bytes beyond its tensors; reinstall the file")
