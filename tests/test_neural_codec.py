@@ -266,6 +266,8 @@ def test_delta_weights_file_rebuilds_its_release_from_a_full_one(tmp_path):
     (tmp_path / "rel_full.pt").unlink()
     registry._SHIPPED_HASHES.clear()
     assert registry.load("neural_rvq", od).checkpoint_hash() == older.checkpoint_hash()  # older -> rel -> base
+    full = registry.read_weights(od)["model"]  # what a fine-tune starts from: the rebuilt weights
+    assert set(full) == set(older.state_dict()) and all(torch.equal(full[k], v) for k, v in older.state_dict().items())
     # two deltas that name each other as base (no full file behind them) fail with the fix, not a recursion
     loop = {**torch.load(d, weights_only=True), "delta_of": older.checkpoint_hash()}
     (tmp_path / "loop").mkdir()

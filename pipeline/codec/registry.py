@@ -53,8 +53,8 @@ register(CodecSpec("mdct_rvq", "MDCT frames + residual k-means codebooks learned
 
 register(CodecSpec("neural_rvq", "MDCT-domain conv autoencoder + 32-stage RVQ, trained (1.5-24 kbps)",
                    _neural_rvq, WEIGHTS_DIR / "neural_rvq.pt",
-                   previous_weights=(WEIGHTS_DIR / "neural_rvq-3bc8f5ac.pt", WEIGHTS_DIR / "neural_rvq-172a476e.pt",
-                                     WEIGHTS_DIR / "neural_rvq-9575b629.pt", WEIGHTS_DIR / "neural_rvq-12874cf9.pt")))
+                   previous_weights=tuple(WEIGHTS_DIR / f"neural_rvq-{h}.pt" for h in
+                                          ("dea6bc98", "3bc8f5ac", "172a476e", "9575b629", "12874cf9"))))
 
 
 def _encodec_24khz() -> Codec:
@@ -127,9 +127,10 @@ def _read_state(name: str, path: Path) -> dict:
 
 
 def read_weights(path: str | Path, name: str = "neural_rvq") -> dict:
-    """The dict stored in the weights file ``path`` (a packed one unpacked; a delta file as stored: its
-    differences only), e.g. for a training run to start from. Raises CodecUnavailableError naming the fix."""
-    return _read_state(name, Path(path))
+    """The full weights of the file ``path`` (a packed one unpacked, a delta file rebuilt over its base), e.g.
+    for a training run to start from. Raises CodecUnavailableError naming the fix."""
+    state = _read_state(name, Path(path))
+    return _apply_delta(name, state, Path(path)) if "delta_of" in state else state
 
 
 def _codec_from(name: str, state: dict, path: Path) -> Codec:
@@ -152,12 +153,10 @@ MAX_DELTA_CHAIN = 8
 
 
 def make_delta(full: Path, base: Path, out: Path, name: str = "neural_rvq") -> Path:
-    """Write ``out``: the weights ``full`` as the tensors that differ from ``base`` (a full file; matched by its
-    checkpoint hash at load, so renaming ``base`` keeps it working), the keys ``base`` has and ``full`` lacks,
-    and ``full``'s checkpoint hash, which loading checks."""
-    f, b = read_weights(full, name), read_weights(base, name)
-    if "delta_of" in b:
-        raise ValueError(f"{base}: a delta file; make the delta over the full file it is rebuilt on")
+    """Write ``out``: the weights ``full`` as the tensors that differ from ``base`` (matched by its checkpoint hash
+    at load, so renaming ``base`` keeps it working), the keys ``base`` has and ``full`` lacks, and ``full``'s
+    checkpoint hash, which loading checks."""
+    f, b = read_weights(full, name), read_weights(base, name)  # (either may be a delta file: rebuilt)
     fm, bm = f.get("model", f), b.get("model", b)
     delta = {k: v for k, v in fm.items() if k not in bm or bm[k].dtype != v.dtype or not torch.equal(bm[k], v)}
     state = {"delta_of": load(name, base).checkpoint_hash(), "drop": sorted(set(bm) - set(fm)), "model": delta,
