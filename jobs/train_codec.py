@@ -175,11 +175,15 @@ class DataParallel:
         return t
 
     def average_grads(self, params) -> None:
+        """Average every parameter's gradient over the workers. A parameter one worker's batch did not reach
+        (e.g. a rung decoder when no example of it drew that rung) counts as a zero gradient there, so every
+        worker joins the same collectives and steps the same parameters."""
         if self.on:
             for p in params:
-                if p.grad is not None:
-                    self.dist.all_reduce(p.grad)
-                    p.grad.div_(self.world)
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                self.dist.all_reduce(p.grad)
+                p.grad.div_(self.world)
 
     def broadcast_(self, *tensors: torch.Tensor) -> None:
         """Overwrite ``tensors`` on every worker with rank 0's."""

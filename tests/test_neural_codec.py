@@ -706,6 +706,30 @@ def test_train_job_data_parallel_workers_stay_identical(tmp_path):
         train_codec.main(["--no-ray", "--workers", "2"])
 
 
+def _average_grads_worker(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from jobs.train_codec import DataParallel
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    a.grad = torch.full((3,), 2.0 * (rank + 1))
+    if rank == 0:  # only rank 0's batch reached b (as a rung decoder whose rung only it drew)
+        b.grad = torch.ones(2)
+    DataParallel(rank, 2).average_grads([a, b])
+    torch.save({"a": a.grad, "b": b.grad}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_data_parallel_averages_a_gradient_only_some_workers_have(tmp_path):
+    """Two gloo workers, one of which has no gradient for a parameter: both join the same all-reduces (no hang)
+    and end with the same averaged gradients, the missing one counted as zero."""
+    import torch.multiprocessing as mp
+    mp.spawn(_average_grads_worker, args=(f"file://{tmp_path / 'pg'}", str(tmp_path / "g")), nprocs=2, join=True)
+    g0, g1 = (torch.load(tmp_path / f"g.{r}", weights_only=True) for r in (0, 1))
+    assert torch.equal(g0["a"], torch.full((3,), 3.0)) and torch.equal(g0["b"], torch.full((2,), 0.5))
+    assert all(torch.equal(g0[k], g1[k]) for k in g0)
+
+
 # -- metrics -----------------------------------------------------------------------------------------
 def test_metrics_identity_and_ranking():
     rng = np.random.default_rng(0)
