@@ -251,14 +251,19 @@ def train_loop(config: dict) -> None:
                              other_fraction=config.get("other_fraction", 0.5))
     vq = EmaRvqTrainer(codec, decay=config["ema_decay"], seed=data_seed, reduce=dp.sum_ if dp.on else None)
     rung = config.get("rung_decoder")
+    keep = config.get("keep_codes") or 0
+    resuming = bool(config.get("resume")) and (run_dir / "ckpt.pt").exists()
+    # released weights to start from, read once (before a rung decoder is added, so a missing one starts as the
+    # shared decoder; a plain fine-tune that resumes takes everything from its checkpoint instead)
+    state = None
+    if config.get("init_from") and (rung or keep or not resuming):
+        state = read_weights(config["init_from"])
+        codec.load_weights(state, str(config["init_from"]))
     if rung:
         if not (config.get("init_from") or config.get("resume")):
             raise ValueError("--rung-decoder trains a decoder for trained codes: pass --init-from WEIGHTS")
         if rung not in codec.ladder_n_q:
             raise ValueError(f"--rung-decoder {rung}: not a rung of the ladder {codec.ladder_n_q}")
-        if config.get("init_from"):  # load before adding, so a missing rung decoder starts as the shared one
-            state = read_weights(config["init_from"])
-            codec.load_weights(state, str(config["init_from"]))
         codec.add_rung_decoder(rung, config.get("rung_extra_blocks", 0), config.get("rung_ahead_blocks", 0))
         if config.get("pair_search") is not None:
             if rung != 2:
@@ -266,7 +271,6 @@ def train_loop(config: dict) -> None:
             codec.rvq.set_pair_search(config["pair_search"])
         codec.requires_grad_(False)
         codec.decoder_for(rung).requires_grad_(True)
-    keep = config.get("keep_codes") or 0
     if keep:
         if rung:
             raise ValueError("--keep-codes fine-tunes the shared decoder; --rung-decoder trains a rung decoder "
@@ -275,9 +279,6 @@ def train_loop(config: dict) -> None:
             raise ValueError("--keep-codes keeps the codes of trained weights: pass --init-from WEIGHTS")
         if not 1 <= keep < codec.n_q:
             raise ValueError(f"--keep-codes {keep}: must be in [1, {codec.n_q - 1}]")
-        if config.get("init_from"):
-            state = read_weights(config["init_from"])
-            codec.load_weights(state, str(config["init_from"]))
         stale = sorted(int(k) for k in codec.rung_decoders if int(k) > keep)
         if stale:
             raise ValueError(f"--keep-codes {keep}: {config.get('init_from')} has rung decoders for {stale} stages, "
@@ -311,9 +312,6 @@ def train_loop(config: dict) -> None:
     elif config.get("init_from"):
         # fine-tune from released weights (no optimizer or EMA state in them): the codebooks are trained,
         # so the quantizer starts initialised, its EMA statistics seeded as if each code were used evenly
-        if not keep:  # (--keep-codes loaded them above)
-            state = read_weights(config["init_from"])
-            codec.load_weights(state, str(config["init_from"]))
         vq.seed_from_codebooks(config["batch"] * config["seg_frames"])  # latent vectors per step
         log(f"initialised from {config['init_from']} (trained to step {state.get('step', '?')})"
             + (f"; encoder, first {keep} codebooks and rung decoders frozen "

@@ -1,6 +1,7 @@
 """Tests of the ``neural_rvq`` codec, its training machinery, the training job and the metrics."""
 from __future__ import annotations
 
+import copy
 import json
 import random
 import shutil
@@ -237,16 +238,23 @@ def test_pair_search_encodes_two_stages_jointly_and_travels_with_the_weights(tmp
         q.set_pair_search(33)
 
 
+def _with_shifted_rung_decoder(codec: NeuralRvqCodec, shift: float) -> NeuralRvqCodec:
+    """A later release of ``codec``: the same weights plus a 2-stage rung decoder, its parameters moved by
+    ``shift`` from the shared decoder's."""
+    c = copy.deepcopy(codec)
+    with torch.no_grad():
+        for p in c.add_rung_decoder(2).parameters():
+            p.add_(shift)
+    return c
+
+
 def test_delta_weights_file_rebuilds_its_release_from_a_full_one(tmp_path):
     """An earlier release stored as its differences from a full weights file loads with the release's own
     hash, finds its base by hash (renaming the base is fine), and names the fix when the base is gone or the
     result does not hash as written."""
     base = random_codec(seed=3)
     torch.save({"model": base.state_dict()}, tmp_path / "base.pt")
-    rel = random_codec(seed=3)
-    with torch.no_grad():
-        for p in rel.add_rung_decoder(2).parameters():
-            p.add_(0.01)
+    rel = _with_shifted_rung_decoder(base, 0.01)
     torch.save({"model": rel.state_dict()}, tmp_path / "rel_full.pt")
     d = registry.make_delta(tmp_path / "rel_full.pt", tmp_path / "base.pt", tmp_path / "rel.pt")
     assert d.stat().st_size < (tmp_path / "rel_full.pt").stat().st_size / 2
@@ -255,10 +263,7 @@ def test_delta_weights_file_rebuilds_its_release_from_a_full_one(tmp_path):
     back = registry.make_delta(tmp_path / "base.pt", tmp_path / "rel_full.pt", tmp_path / "base_d.pt")
     assert registry.load("neural_rvq", back).checkpoint_hash() == base.checkpoint_hash()
     # a chain: an older release stored over the (delta) release, which is stored over the full base
-    older = random_codec(seed=3)
-    with torch.no_grad():
-        for p in older.add_rung_decoder(2).parameters():
-            p.add_(0.02)
+    older = _with_shifted_rung_decoder(base, 0.02)
     torch.save({"model": older.state_dict()}, tmp_path / "older_full.pt")
     od = registry.make_delta(tmp_path / "older_full.pt", tmp_path / "rel_full.pt", tmp_path / "older.pt")
     (tmp_path / "older_full.pt").unlink()
@@ -302,11 +307,7 @@ def test_packed_weights_files_load_as_the_originals(tmp_path):
         for p in base.parameters():  # trained-like values: what the byte planes are for
             p.mul_(0.1)
     torch.save({"model": base.state_dict(), "config": {"note": 1}, "step": 7}, tmp_path / "base.pt")
-    rel = random_codec(seed=4)
-    rel.load_state_dict(base.state_dict())
-    with torch.no_grad():
-        for p in rel.add_rung_decoder(2).parameters():
-            p.add_(0.01)
+    rel = _with_shifted_rung_decoder(base, 0.01)
     torch.save({"model": rel.state_dict()}, tmp_path / "rel_full.pt")
     plain = (tmp_path / "base.pt").stat().st_size
     packing.pack_file(tmp_path / "base.pt")

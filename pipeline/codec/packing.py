@@ -16,6 +16,7 @@ concatenated, LZMA-compressed. ``unpack`` rejects another magic or a newer versi
 from __future__ import annotations
 
 import lzma
+import math
 import os
 from pathlib import Path
 
@@ -68,9 +69,7 @@ def unpack(state: dict, where: str = "weights file") -> dict:
     for key, dtype, shape in state["meta"]:
         dt = _DTYPES[dtype]
         size = torch.empty((), dtype=dt).element_size()
-        n = 1
-        for s in shape:
-            n *= s
+        n = math.prod(shape)
         chunk = raw[off:off + n * size]
         if len(chunk) != n * size:
             raise CodecUnavailableError(f"{where}: its packed tensors end before {key}; reinstall the file")
@@ -84,19 +83,17 @@ def unpack(state: dict, where: str = "weights file") -> dict:
     return out
 
 
-def pack_file(path: Path, out: Path | None = None) -> Path:
-    """Pack the weights file ``path`` into ``out`` (default: in place), checking it unpacks to the same tensors."""
+def pack_file(path: Path) -> Path:
+    """Pack the weights file ``path`` in place (a packed one is left as it is), checking it unpacks to the same
+    tensors."""
     path = Path(path)
-    out = Path(out) if out is not None else path
     state = torch.load(path, map_location="cpu", weights_only=True)
     if is_packed(state):
-        if out != path:
-            out.write_bytes(path.read_bytes())
-        return out
+        return path
     packed = pack(state)
     back = unpack(packed, str(path))["model"]
     if set(back) != set(state["model"]) or not all(torch.equal(back[k], v) for k, v in state["model"].items()):
         raise AssertionError(f"{path}: packing did not round-trip")
-    torch.save(packed, str(out) + ".tmp")
-    os.replace(str(out) + ".tmp", out)
-    return out
+    torch.save(packed, str(path) + ".tmp")
+    os.replace(str(path) + ".tmp", path)
+    return path

@@ -159,8 +159,8 @@ def make_delta(full: Path, base: Path, out: Path, name: str = "neural_rvq") -> P
     f, b = read_weights(full, name), read_weights(base, name)  # (either may be a delta file: rebuilt)
     fm, bm = f.get("model", f), b.get("model", b)
     delta = {k: v for k, v in fm.items() if k not in bm or bm[k].dtype != v.dtype or not torch.equal(bm[k], v)}
-    state = {"delta_of": load(name, base).checkpoint_hash(), "drop": sorted(set(bm) - set(fm)), "model": delta,
-             "config": f.get("config", {}), "checkpoint_hash": load(name, full).checkpoint_hash()}
+    state = {"delta_of": _codec_from(name, b, base).checkpoint_hash(), "drop": sorted(set(bm) - set(fm)),
+             "model": delta, "config": f.get("config", {}), "checkpoint_hash": _codec_from(name, f, full).checkpoint_hash()}
     torch.save(state, out)
     if load(name, out).checkpoint_hash() != state["checkpoint_hash"]:
         raise AssertionError(f"{out}: the delta does not rebuild {full}")
@@ -181,6 +181,8 @@ def _apply_delta(name: str, state: dict, path: Path, chain: tuple[Path, ...] = (
         if cand is None or not cand.exists() or cand.resolve() in seen:
             continue
         seen.add(cand.resolve())
+        if _SHIPPED_HASHES.get(cand, state["delta_of"]) != state["delta_of"]:
+            continue  # hashed before, and not the base: not read (or rebuilt) again
         try:
             base = _read_state(name, cand)  # read once: hashed from this, and rebuilt over if it matches
             if "delta_of" in base:
