@@ -6,7 +6,8 @@
 ``DIR`` defaults to the Debian corpus; only its held-out files are used (``--all-files`` to lift
 that, e.g. for a folder of your own). Per codec x bitrate x content kind it reports the mean
 multi-scale log-mel distance (lower is better), SI-SDR (dB), STOI (speech files), ViSQOL
-(audio mode, if ``visqol-python`` is installed), the bitrate actually spent and encode/decode speed
+(audio mode, if ``visqol-python`` is installed), the share of decoded energy above 2 kHz in stationary tones the
+reference lacks (``metrics.tonal_peak_share``, "tones"), the bitrate actually spent and encode/decode speed
 (x realtime; for the ffmpeg baselines this includes process start-up). MP3 runs only at the bitrates
 MPEG-2 layer III has at 24 kHz (8, 16, 24, ... kbps), so add 24 to ``--bitrates`` to see it. Writes ``results.csv``
 (per file), ``summary.json`` and ``summary.md`` to ``--out-dir``.
@@ -182,7 +183,8 @@ def run_ffmpeg(kind: str, x: np.ndarray, kbps: float, tmp: Path):
 # -- scoring ----------------------------------------------------------------------------------------
 def score(ref: np.ndarray, deg: np.ndarray, kind: str, use_visqol: bool, visqol_seconds: float) -> dict:
     from pipeline.codec import metrics
-    out = {"mel": metrics.mel_distance(ref, deg, RATE), "si_sdr": metrics.si_sdr(ref, deg)}
+    out = {"mel": metrics.mel_distance(ref, deg, RATE), "si_sdr": metrics.si_sdr(ref, deg),
+           "tones": metrics.tonal_peak_share(ref, deg, RATE)}
     out["stoi"] = metrics.stoi(ref, deg, RATE) if kind == "speech" else None
     bands = metrics.stoi_bands(ref, deg, RATE) if kind == "speech" else None
     if bands is not None:  # where intelligibility is lost: STOI per one-third-octave band (their mean is STOI)
@@ -206,7 +208,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for (codec, kbps, kind), rs in sorted(groups.items(), key=lambda g: (g[0][2], g[0][1], g[0][0])):
         s = {"codec": codec, "kbps": kbps, "kind": kind, "files": len(rs)}
-        for m in ("mel", "si_sdr", "stoi", "visqol", "actual_kbps", "enc_xrt", "dec_xrt", *_band_keys(rs)):
+        for m in ("mel", "si_sdr", "stoi", "visqol", "tones", "actual_kbps", "enc_xrt", "dec_xrt", *_band_keys(rs)):
             vals = [r[m] for r in rs if r.get(m) is not None]
             s[m] = round(float(np.mean(vals)), 4) if vals else None
         out.append(s)
@@ -234,14 +236,16 @@ def bands_markdown(summary: list[dict]) -> str:
 
 
 def to_markdown(summary: list[dict]) -> str:
-    head = "| kind | kbps | codec | files | mel dist (lower better) | SI-SDR dB | STOI | ViSQOL | actual kbps | enc xRT | dec xRT |"
+    head = ("| kind | kbps | codec | files | mel dist (lower better) | SI-SDR dB | STOI | ViSQOL | tones (lower better) "
+            "| actual kbps | enc xRT | dec xRT |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def f(v, d=3):
         return "-" if v is None else f"{v:.{d}f}"
     for s in summary:
         lines.append(f"| {s['kind']} | {s['kbps']:g} | {s['codec']} | {s['files']} | {f(s['mel'])} | "
-                     f"{f(s['si_sdr'], 2)} | {f(s['stoi'])} | {f(s['visqol'], 2)} | {f(s['actual_kbps'], 2)} | "
+                     f"{f(s['si_sdr'], 2)} | {f(s['stoi'])} | {f(s['visqol'], 2)} | {f(s.get('tones'))} | "
+                     f"{f(s['actual_kbps'], 2)} | "
                      f"{f(s['enc_xrt'], 0)} | {f(s['dec_xrt'], 0)} |")
     return "\n".join(lines) + "\n"
 

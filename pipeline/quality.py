@@ -22,7 +22,7 @@ from .manifest import ARCHIVED, ArchiveRecord, ManifestEntry
 GATE_METRICS = {
     "mel": "mel", "mel_24k": "mel_24k", "si_sdr": "si_sdr", "si_sdr_24k": "si_sdr_24k", "stoi": "stoi",
     "visqol": "visqol", "lufs_diff": "lufs_diff_abs", "clipping": "clipping_added",
-    "bandwidth": "bandwidth_ratio", "ratio": "compression_ratio",
+    "bandwidth": "bandwidth_ratio", "ratio": "compression_ratio", "tones": "tones",
 }
 DURATION_BUCKETS = ((10, "<10s"), (60, "10s-1m"), (600, "1m-10m"), (3600, "10m-1h"), (math.inf, ">1h"))
 
@@ -280,6 +280,8 @@ def _measure(dest: str, rec: ArchiveRecord, entry: ManifestEntry, cfg: QualityCo
     out["excerpt_s"] = n / sr
     out["mel_24k"] = M.mel_distance(mono_ref, mono_deg, cr)
     out["si_sdr_24k"] = M.si_sdr(mono_ref, mono_deg)
+    # share of the decoded energy above 2 kHz in stationary narrow peaks the original lacks (added tones, issue 20)
+    out["tones"] = M.tonal_peak_share(mono_ref, mono_deg, cr)
     out["speech_like"] = speech_like(ref24, cr)
     out["stoi"] = M.stoi(mono_ref, mono_deg, cr) if out["speech_like"] and mono_ref.size > cr else None
     out["visqol"] = None
@@ -296,7 +298,7 @@ def _measure(dest: str, rec: ArchiveRecord, entry: ManifestEntry, cfg: QualityCo
 
 # -- results --------------------------------------------------------------------------------------
 NUMERIC = ["compression_ratio", "pcm_compression_ratio", "mel", "si_sdr", "mel_24k", "si_sdr_24k", "stoi",
-           "visqol", "lufs_diff", "lufs_diff_abs", "clipping_added", "bandwidth_ratio"]
+           "visqol", "lufs_diff", "lufs_diff_abs", "clipping_added", "bandwidth_ratio", "tones"]
 
 
 @dataclass
