@@ -39,7 +39,8 @@ def load() -> float:
 
 
 def bench_actors(src: Path, work: Path, counts: list[int], window: float) -> list[dict]:
-    from pipeline.encode import EncodeConfig, init_ray, run_encode
+    from pipeline.encode import EncodeConfig, run_encode
+    from pipeline.runtime import init_ray
     init_ray()
     import ray
     out = []

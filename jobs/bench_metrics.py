@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--window-seconds", type=float, default=5.0)
     ap.add_argument("--skip-e2e", action="store_true")
     a = ap.parse_args()
-    from pipeline.encode import init_ray
+    from pipeline.runtime import init_ray
     init_ray()
     m = micro()
     # default batch: 4 windows of --window-seconds; cost of the codec scales ~linearly with window length

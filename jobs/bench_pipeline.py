@@ -111,7 +111,8 @@ def main(argv=None) -> None:
                     help="also encode with the default quality sampling (2%%) and print its overhead")
     args = ap.parse_args(argv)
     from pipeline.codec import load
-    from pipeline.encode import EncodeConfig, init_ray, run_encode
+    from pipeline.encode import EncodeConfig, run_encode
+    from pipeline.runtime import init_ray
 
     wd = args.workdir or Path(tempfile.mkdtemp(prefix="audioarc-bench-"))
     src = wd / "src"

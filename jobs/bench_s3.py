@@ -4,7 +4,7 @@ Prints:
   1. encode throughput s3->s3 vs local->local on the same small synthetic corpus (and the ratio);
   2. S3 requests per input file during that encode (the server's own request metrics);
   3. single-file restore latency and bytes fetched from an archive of many files (a synthetic archive in
-     the real format: shards + manifests + commit record written directly, codes random, so that a few
+     the real format: shards + catalog + record written directly, codes random, so that a few
      thousand files do not need a full encode on a laptop);
   4. driver memory (tracemalloc peak) while streaming input lists of 10k/50k/100k synthetic keys in waves
      of --commit-every, the way the encode job consumes them.
@@ -30,7 +30,8 @@ def _delta(a: dict, b: dict) -> dict:
 
 
 def bench_encode(s3, work: str, n_files: int, seconds: float) -> dict:
-    from pipeline.encode import EncodeConfig, init_ray, run_encode
+    from pipeline.encode import EncodeConfig, run_encode
+    from pipeline.runtime import init_ray
     from tests.s3_fixtures import upload_tree, write_tones
     local_src = os.path.join(work, "src")
     write_tones(local_src, n_files, seconds=seconds)
@@ -61,7 +62,7 @@ def make_synthetic_archive(dest: str, n_files: int, per_shard: int = 250, per_ge
 
     from pipeline import archive
     from pipeline.codec import registry
-    from pipeline.manifest import ARCHIVED, ArchiveRecord, Location, ManifestEntry
+    from pipeline.manifest import ARCHIVED, Location, ManifestEntry
     codec = registry.load(registry.DEFAULT_CODEC)
     n_q = codec.n_q_for_kbps(6.0)
     crec = codec.record(n_q)
@@ -90,11 +91,11 @@ def make_synthetic_archive(dest: str, n_files: int, per_shard: int = 250, per_ge
                     content_hash="0" * 64, status=ARCHIVED, duration_s=samples / codec.sample_rate,
                     sample_rate=codec.sample_rate, channels=1, frames=samples, codec_samples=samples,
                     codec_frames=frames, n_windows=1, archive_bytes=0,
-                    locations=tuple(Location(rel, gi) for gi in w.where[i]), generation=g))
-        archive.write_manifest(f"{dest}/{archive.manifest_relpath(g)}", entries)
+                    locations=tuple(Location(rel, gi, w.bytes, w.sha256) for gi in w.where[i]), generation=g))
+        if g == 1:
+            archive.create_or_open(dest, codec, n_q)  # record, weights, catalog
+        archive.catalog.append(dest, entries, g, "synthetic")
         gens.append(g)
-    archive.write_record(dest, ArchiveRecord(archive.FORMAT_NAME, archive.FORMAT_VERSION, crec, tuple(gens),
-                                             archive.now(), archive.now()))
     return crec, fid
 
 
@@ -109,7 +110,7 @@ def bench_restore(s3, work: str, n_files: int) -> dict:
     build_s = time.time() - t
     fs, root = storage.fs_and_path(dest)
     total = sum(fs.du(root + "/shards", total=False).values())
-    manifests = sum(fs.du(root + "/manifest", total=False).values())
+    manifests = sum(fs.du(root + "/catalog", total=False).values())
     got: dict = {"get_requests": 0, "get_bytes": 0, "shard_bytes": 0, "other_requests": 0}
     real = s3fs.S3FileSystem._call_s3
 
@@ -133,9 +134,9 @@ def bench_restore(s3, work: str, n_files: int) -> dict:
         req = _delta(before, s3.request_counts())
     finally:
         s3fs.S3FileSystem._call_s3 = real
-    assert len(out) == 1
+    assert len(out.restored) == 1
     return {"archive_files": n_files, "synthetic_archive": True, "build_s": round(build_s, 1),
-            "archive_shard_bytes": total, "archive_manifest_bytes": manifests,
+            "archive_shard_bytes": total, "archive_catalog_bytes": manifests,
             "restore_one_latency_s": round(latency, 3), "bytes_fetched": got["get_bytes"],
             "shard_bytes_fetched": got["shard_bytes"], "get_requests": got["get_requests"],
             "other_requests": got["other_requests"], "server_requests": req,

@@ -30,9 +30,10 @@ def probe(f: BinaryIO | str, name: str) -> AudioInfo:
             info = AudioInfo(snd.samplerate, snd.channels, snd.frames, snd.format, snd.subtype)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise InputError(f"{name}: not a readable audio file ({e}); supported: WAV, FLAC, OGG/Vorbis, "
-                         f"MP3 and the other formats of libsndfile {sf.__libsndfile_version__}") from None
+                         f"MP3 and the other formats of libsndfile {sf.__libsndfile_version__}", code="not_audio") from None
     if info.channels < 1 or info.sample_rate < 1:
-        raise InputError(f"{name}: audio header has {info.channels} channels at {info.sample_rate} Hz")
+        raise InputError(f"{name}: audio header has {info.channels} channels at {info.sample_rate} Hz",
+                         code="not_audio")
     return info
 
 
@@ -47,7 +48,7 @@ def read_blocks(f: BinaryIO | str, name: str, block_frames: int = 65536) -> Iter
             m = _SHORT_DATA.search(snd.extra_info or "")
             if m:
                 raise InputError(f"{name}: truncated audio: the data chunk announces {m.group(1)} bytes but "
-                                 f"only {m.group(2)} are present; re-export or replace the file")
+                                 f"only {m.group(2)} are present; re-export or replace the file", code="truncated")
             # container formats whose header states the exact frame count
             expected = snd.frames if snd.format in ("WAV", "WAVEX", "FLAC", "AIFF", "RF64", "W64") else 0
             got = 0
@@ -58,11 +59,11 @@ def read_blocks(f: BinaryIO | str, name: str, block_frames: int = 65536) -> Iter
                 got += block.shape[0]
                 yield np.ascontiguousarray(block.T)
     except sf.LibsndfileError as e:
-        raise InputError(f"{name}: audio stream is corrupt or truncated ({e}); re-export or replace the file") \
-            from None
+        raise InputError(f"{name}: audio stream is corrupt or truncated ({e}); re-export or replace the file",
+                         code="truncated") from None
     if got < expected:
         raise InputError(f"{name}: truncated audio: header announces {expected} frames but only {got} "
-                         f"could be decoded; re-export or replace the file")
+                         f"could be decoded; re-export or replace the file", code="truncated")
 
 
 class Resampler:

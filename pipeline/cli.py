@@ -46,6 +46,11 @@ def _human_bytes(n: float) -> str:
 
 
 def cmd_encode(args) -> int:
+    if not args.json and sys.stderr.isatty():  # a first word before the heavy imports and Ray's start-up
+        from .runtime import ray_log_path
+        log = ray_log_path()
+        print(f"audioarc: encoding {args.src} -> {args.dest}" + (f"; Ray's log lines go to {log}" if log else ""),
+              file=sys.stderr, flush=True)
     from .encode import EncodeConfig, run_encode
     qcfg = _quality_config(args, args.quality_sample)
     cfg = EncodeConfig(quality=qcfg, src=args.src, dest=args.dest, bitrate_kbps=args.bitrate, codec=args.codec,
@@ -56,7 +61,7 @@ def cmd_encode(args) -> int:
                        address=args.address, input_list=args.input_list, metrics_port=args.metrics_port,
                        metrics_host=args.metrics_host, metrics_linger=args.metrics_linger,
                        emit_metrics=not args.no_metrics, min_actors=args.min_actors,
-                       max_actors=args.max_actors, precision=args.precision).validate()
+                       max_actors=args.max_actors, precision=args.precision, rehash=args.rehash).validate()
     bar = None
     on_progress = None
     if not args.json and sys.stderr.isatty() or args.progress:
@@ -77,12 +82,17 @@ def cmd_encode(args) -> int:
     finally:
         if bar is not None:
             bar.close()
+    from .runtime import ray_log_path
     if args.json:
-        _print_json(s.to_json())
+        _print_json({**s.to_json(), "ray_log": ray_log_path()})
     else:
-        _say(f"archived {s.files_archived}/{s.files_total} files ({s.files_skipped} unchanged, "
-              f"{s.files_failed} failed), {s.audio_seconds / 3600:.3f} h of audio in {s.wall_seconds:.1f} s "
-              f"({s.x_realtime:.1f}x realtime)")
+        if s.files_total and s.files_skipped == s.files_total:
+            _say(f"nothing changed: {s.files_total} files checked, all already archived and unchanged "
+                 f"({s.audio_seconds / 3600:.3f} h of audio); checked in {s.wall_seconds:.1f} s")
+        else:
+            _say(f"archived {s.files_archived}/{s.files_total} files ({s.files_skipped} unchanged, "
+                 f"{s.files_failed} failed), {s.audio_seconds / 3600:.3f} h of audio in {s.wall_seconds:.1f} s "
+                 f"({s.x_realtime:.1f}x realtime)")
         _say(f"codec {s.codec} at {s.bitrate_kbps:g} kbps/channel: {_human_bytes(s.source_bytes)} -> "
               f"{_human_bytes(s.archive_bytes)} (ratio {s.compression_ratio:g}, vs 16-bit PCM "
               f"{s.pcm_compression_ratio:g}; {s.effective_kbps:g} kbps stored)")
@@ -94,6 +104,8 @@ def cmd_encode(args) -> int:
         _say(f"report:  {s.report}")
         if s.quality:
             _say(f"quality: {s.quality['report']}")
+        if ray_log_path():
+            _say(f"ray log: {ray_log_path()}")
     if s.quality and s.quality["violations"]:
         return EXIT_QUALITY
     return EXIT_PARTIAL if s.files_failed else EXIT_OK
@@ -102,15 +114,17 @@ def cmd_encode(args) -> int:
 def _quality_config(args, fraction: float):
     from .quality import QualityConfig, parse_gates
     return QualityConfig(fraction=fraction, seed=args.quality_seed, excerpt_seconds=args.excerpt_seconds,
-                         visqol=not args.no_visqol, gates=parse_gates(args.min_quality)).validate()
+                         visqol=not args.no_visqol, gates=parse_gates(args.min_quality),
+                         min_files=getattr(args, "quality_min_files", 20)).validate()
 
 
 def _print_quality(summary: dict, violations: list[dict]) -> None:
     keys = [("mel", "mel"), ("si_sdr", "SI-SDR dB"), ("stoi", "STOI"), ("visqol", "ViSQOL"),
             ("compression_ratio", "ratio")]
     vals = ", ".join(f"{label} {summary[k]['median']:.3g}" for k, label in keys if k in summary)
-    _say(f"quality: {summary['files_measured']}/{summary['files_sampled']} sampled files measured "
-          f"(medians: {vals}); {summary['files_bad_pairs']} bad pairs")
+    of = f" of {summary['files_archived']} archived" if summary.get("files_archived") is not None else ""
+    _say(f"quality: {summary['files_measured']}{of} files measured ({summary['files_sampled']} sampled; "
+         f"medians: {vals}); {summary['files_bad_pairs']} bad pairs")
     for v in violations:
         _say(f"BELOW QUALITY FLOOR {v['source']}: {', '.join(v['failed'])}")
 
@@ -138,10 +152,14 @@ def _add_quality_options(p) -> None:
 
 
 def cmd_ls(args) -> int:
-    from .restore import listing
-    rows = listing(args.dest)
+    from .restore import iter_listing
+    rows = iter_listing(args.dest, tuple(args.patterns), args.status)
+    if args.jsonl:  # one JSON object a line, written as it comes (big archives)
+        for r in rows:
+            _say(json.dumps(r, default=str))
+        return EXIT_OK
     if args.json:
-        _print_json(rows)
+        _print_json(list(rows))
         return EXIT_OK
     _say(f"{'status':9} {'duration':>9} {'rate':>6} {'ch':>2} {'bytes':>10} {'codes':>9}  path")
     for r in rows:
@@ -173,14 +191,97 @@ def cmd_inspect(args) -> int:
 
 def cmd_restore(args) -> int:
     from .restore import RestoreConfig, run_restore
-    out = run_restore(RestoreConfig(dest=args.dest, out=args.out, patterns=tuple(args.patterns),
+    res = run_restore(RestoreConfig(dest=args.dest, out=args.out, patterns=tuple(args.patterns),
                                     format=args.format, codec_weights=args.codec_weights,
-                                    address=args.address))
+                                    address=args.address, bitrate_kbps=args.bitrate, from_list=args.from_list))
     if args.json:
-        _print_json(out)
+        _print_json(res.restored)
     else:
-        for r in out:
+        for r in res.restored:
             _say(f"{r['source']} -> {r['path']}")
+    for r in res.refused:
+        print(f"audioarc: NOT RESTORED {r['reason']}", file=sys.stderr)
+    if res.refused:
+        print(f"audioarc: {len(res.refused)} of {len(res.refused) + len(res.restored)} files were not restored "
+              f"(listed above); the others were", file=sys.stderr)
+        return EXIT_PARTIAL
+    return EXIT_OK
+
+
+def cmd_rebitrate(args) -> int:
+    from .rebitrate import RebitrateConfig, run_rebitrate
+    s = run_rebitrate(RebitrateConfig(dest=args.dest, new_dest=args.new_dest, bitrate_kbps=args.bitrate,
+                                      patterns=tuple(args.patterns), commit_every=args.commit_every,
+                                      shard_mb=args.shard_mb, codec_weights=args.codec_weights))
+    if args.json:
+        _print_json(s)
+    else:
+        _say(f"rebitrated {s['files_rebitrated']}/{s['files_total']} files ({s['files_skipped']} already there, "
+             f"{s['files_failed']} failed), {s['audio_seconds'] / 3600:.3f} h of audio in {s['wall_seconds']:.1f} s "
+             f"({s['x_realtime']:.0f}x realtime)")
+        _say(f"{s['source_bitrate_kbps']:g} -> {s['bitrate_kbps']:g} kbps/channel: "
+             f"{_human_bytes(s['bytes_before'])} -> {_human_bytes(s['bytes_after'])}")
+        for f in s["failures"]:
+            _say(f"FAILED {f['reason']}")
+        _say(f"archive: {s['archive']}")
+    return EXIT_PARTIAL if s["files_failed"] else EXIT_OK
+
+
+def cmd_verify(args) -> int:
+    from .verify import run_verify
+    rep = run_verify(args.dest, deep=args.deep)
+    if args.json:
+        _print_json(rep.to_json())
+    else:
+        what = f"{rep.objects_checked} objects ({_human_bytes(rep.bytes_checked)})"
+        if rep.deep:
+            what += f", {rep.rows_checked} code rows"
+        _say(f"checked {what} of {rep.files_checked} archived files in {rep.seconds:.1f} s "
+             f"({rep.gb_per_s:g} GB/s)")
+        for n in rep.notes:
+            _say(f"note: {n}")
+        for d in rep.damaged:
+            files = ", ".join(d.files[:20]) + (f" and {len(d.files) - 20} more" if len(d.files) > 20 else "")
+            _say(f"DAMAGED {d.object}: {d.problem}\n        affects: {files}")
+        _say("archive is intact" if rep.ok else f"{len(rep.damaged)} damaged objects affect {rep.files_affected} files")
+    return EXIT_OK if rep.ok else EXIT_PARTIAL
+
+
+def cmd_compact(args) -> int:
+    from . import archive
+    from .errors import ArchiveFormatError
+    rec = archive.require_record(args.dest)
+    if rec.major < 2:
+        raise ArchiveFormatError(f"{args.dest}: a format {rec.format_version} archive has no catalog to compact; "
+                                 f"`audioarc upgrade {args.dest}` converts it")
+    r = archive.catalog.compact(args.dest, target_mb=args.target_mb, vacuum_hours=args.vacuum_hours)
+    if args.json:
+        _print_json(r)
+    else:
+        _say(f"compacted the catalog of {args.dest} as of version {r['version']}: {r['files_removed']} files -> "
+             f"{r['files_added']}; {r['vacuumed']} old files removed")
+    return EXIT_OK
+
+
+def cmd_adopt_weights(args) -> int:
+    from . import archive
+    rec = archive.require_record(args.dest)
+    ref = archive.weights.adopt(args.dest, rec, args.weights)
+    if args.json:
+        _print_json({"archive": args.dest, "weights": ref.path, "sha256": ref.sha256, "bytes": ref.bytes})
+    else:
+        from .storage import join
+        _say(f"stored the codec weights in the archive: {join(args.dest, ref.path)}")
+    return EXIT_OK
+
+
+def cmd_upgrade(args) -> int:
+    from . import archive
+    rec = archive.upgrade(args.dest, args.codec_weights)
+    if args.json:
+        _print_json({"archive": args.dest, "format_version": rec.format_version})
+    else:
+        _say(f"{args.dest}: format {rec.format_version}")
     return EXIT_OK
 
 
@@ -211,7 +312,7 @@ def cmd_dev_s3(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    return run_demo(args.workdir, args.files)
+    return run_demo(args.workdir, args.files, main)
 
 
 def cmd_monitor(args) -> int:
@@ -232,6 +333,10 @@ def cmd_job(command: str, job_args: list[str]) -> int:
     import importlib
     rc = importlib.import_module(JOB_COMMANDS[command]).main(job_args)
     return rc if isinstance(rc, int) else EXIT_OK
+
+
+VERBOSE_HELP = ("show Ray's own log lines on the terminal (by default they go to a log file under "
+                "~/.cache/audioarc/logs/ that the summary names)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "HOST:PORT or ray://HOST:10001 connects this driver (default: RAY_ADDRESS or a local node)")
     e.add_argument("--quality-sample", type=float, default=0.02,
                    help="fraction of files to sample for fidelity beside the encode (0 = off; default 0.02)")
+    e.add_argument("--quality-min-files", type=int, default=20, metavar="N",
+                   help="sample at least N files (every file of a smaller job), then the fraction (default 20)")
     _add_quality_options(e)
     e.add_argument("--input-list", metavar="FILE",
                    help="encode the inputs listed in FILE (path or URL) instead of listing SRC: text with one "
@@ -276,13 +383,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--metrics-linger", type=float, default=0.0, metavar="SECONDS",
                    help="after the job, keep the endpoint up until its final values were scraped (at most this)")
     e.add_argument("--no-metrics", action="store_true", help="no worker-side Ray metrics (overhead checks)")
+    e.add_argument("--rehash", action="store_true", help="read and hash every input to find changes, even those "
+                   "whose listed size and ETag/mtime match their archived entry (default: those are unchanged)")
     e.add_argument("--json", action="store_true", help="print one JSON summary when the job ends")
     e.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
+    e.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     e.set_defaults(fn=cmd_encode)
 
     ls = sub.add_parser("ls", help="list every input of an archive")
     ls.add_argument("dest")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("patterns", nargs="*", help="only inputs whose path matches these globs")
+    ls.add_argument("--status", choices=["archived", "failed"], help="only inputs with this status")
+    ls.add_argument("--json", action="store_true", help="one JSON array")
+    ls.add_argument("--jsonl", action="store_true", help="JSON Lines: one object a line, streamed")
     ls.set_defaults(fn=cmd_ls)
 
     i = sub.add_parser("inspect", help="summary of an archive")
@@ -298,8 +411,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--codec-weights", help="checkpoint of the archive's codec, if not the shipped one")
     r.add_argument("--address", help="Ray cluster address for large restores (http://HEAD:8265 submits a "
                    "Ray job)")
+    r.add_argument("--bitrate", type=float, help="decode only the stages of this lower rate (kbps per channel, "
+                   "on the codec's ladder, at most the archive's): a quick preview")
+    r.add_argument("--from-list", metavar="FILE", help="restore the files named in FILE (path or URL): relpaths or "
+                   "source URIs, one per line (read as a stream: millions of lines are fine)")
     r.add_argument("--json", action="store_true")
+    r.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     r.set_defaults(fn=cmd_restore)
+
+    rb = sub.add_parser("rebitrate", help="copy an archive's files at a lower rate into a new archive (keeps the "
+                        "first stages of their codes; no re-encode)")
+    rb.add_argument("dest", help="the archive to read")
+    rb.add_argument("new_dest", help="the archive to write (created, or added to: a re-run resumes)")
+    rb.add_argument("patterns", nargs="*", help="glob patterns on the source path (default: everything)")
+    rb.add_argument("--bitrate", type=float, required=True, help="kbps per channel, on the codec's ladder, at "
+                    "most DEST's")
+    rb.add_argument("--commit-every", type=int, default=500, help="files per committed generation")
+    rb.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MiB")
+    rb.add_argument("--codec-weights", help="checkpoint of the archive's codec, if it does not carry it")
+    rb.add_argument("--json", action="store_true")
+    rb.set_defaults(fn=cmd_rebitrate)
 
     q = sub.add_parser("quality", help="measure fidelity of a sample of an archive against the originals")
     q.add_argument("dest")
@@ -308,8 +439,36 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--address", help="Ray cluster address")
     q.add_argument("--codec-weights", help="checkpoint of the archive's codec, if not the shipped one")
     q.add_argument("--json", action="store_true")
+    q.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     _add_quality_options(q)
     q.set_defaults(fn=cmd_quality)
+
+    cp = sub.add_parser("compact", help="rewrite the catalog sorted by path into few large files (fast lookups at "
+                        "any size); safe beside running jobs")
+    cp.add_argument("dest")
+    cp.add_argument("--target-mb", type=int, default=64, help="catalog data file size (default 64 MiB)")
+    cp.add_argument("--vacuum-hours", type=float, help="also delete catalog files no version younger than this "
+                    "needs (readers older than that may fail; default: keep them)")
+    cp.add_argument("--json", action="store_true")
+    cp.set_defaults(fn=cmd_compact)
+
+    v = sub.add_parser("verify", help="check every committed object of an archive; name the files damage affects")
+    v.add_argument("dest")
+    v.add_argument("--deep", action="store_true", help="also read every code row and check its checksum")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(fn=cmd_verify)
+
+    aw = sub.add_parser("adopt-weights", help="store the codec checkpoint that made an archive inside it (once)")
+    aw.add_argument("dest")
+    aw.add_argument("weights", help="the checkpoint file (.pt or .safetensors); its hash must be the archive's")
+    aw.add_argument("--json", action="store_true")
+    aw.set_defaults(fn=cmd_adopt_weights)
+
+    up = sub.add_parser("upgrade", help="convert a format 1.x archive to format 2 in place (keeps every shard)")
+    up.add_argument("dest")
+    up.add_argument("--codec-weights", help="checkpoint of the archive's codec, if the archive does not carry it")
+    up.add_argument("--json", action="store_true")
+    up.set_defaults(fn=cmd_upgrade)
 
     c = sub.add_parser("codecs", help="available codecs and their bitrates")
     c.add_argument("--json", action="store_true")
@@ -336,8 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="set up a small real corpus and archive it (the README's first command)")
     d.add_argument("--workdir", default="out/demo")
     d.add_argument("--files", type=int, default=24, help="files to take from the corpus")
+    d.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     d.set_defaults(fn=cmd_demo)
-    for sp in (e, ls, i, r):
+    for sp in (e, ls, i, r, rb, q, v, aw, up):
         sp.add_argument("--s3-endpoint", metavar="URL",
                         help="S3-compatible endpoint for s3:// URLs (default: AWS_ENDPOINT_URL, else AWS)")
     return p
@@ -355,6 +515,12 @@ def main(argv: list[str] | None = None, out=None) -> int:
     if argv and argv[0] in JOB_COMMANDS:
         return cmd_job(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
+    if entrypoint and args.command == "demo" and not getattr(args, "verbose", False) \
+            and not os.environ.get("AUDIOARC_RAY_LOGS"):
+        from .runtime import route_ray_logs
+        route_ray_logs("demo")  # the encode it runs names the log in its summary
+    elif getattr(args, "verbose", False) and args.command == "demo":
+        os.environ["AUDIOARC_RAY_LOGS"] = "1"
     if not hasattr(args, "json"):  # demo, dev-s3, monitor: human-facing output, no results to keep clean
         if out is None:
             return _run(args, argv)
@@ -362,6 +528,14 @@ def main(argv: list[str] | None = None, out=None) -> int:
             return _run(args, argv)
     _result_stream, saved = out or sys.stdout, sys.stdout
     sys.stdout = sys.stderr
+    if hasattr(args, "verbose"):  # a command that starts Ray
+        if args.verbose:
+            os.environ["AUDIOARC_RAY_LOGS"] = "1"
+        elif entrypoint and not os.environ.get("AUDIOARC_RAY_LOGS"):
+            from .runtime import route_ray_logs
+            route_ray_logs(args.command)  # Ray's log lines -> a file, named in the summary
+        if "pipeline.runtime" in sys.modules and sys.modules["pipeline.runtime"].log_stream() is not None:
+            sys.stdout = sys.modules["pipeline.runtime"].log_stream()  # Ray's driver thread prints there
     try:
         return _run(args, argv)
     finally:
@@ -381,7 +555,7 @@ def _run(args, argv: list[str]) -> int:
             return submit(argv, args.address, out=_result_stream)
         return args.fn(args)
     except AudioarcError as e:
-        print(f"audioarc: error: {e}", file=sys.stderr)
+        print(f"audioarc: error: {e}{_log_hint()}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("audioarc: interrupted; re-run the same command to resume", file=sys.stderr)
@@ -390,8 +564,17 @@ def _run(args, argv: list[str]) -> int:
         if os.environ.get("AUDIOARC_DEBUG"):
             raise
         print(f"audioarc: error: unexpected {type(e).__name__}: {str(e)[:2000]}\n"
-              f"(set AUDIOARC_DEBUG=1 for the traceback; re-running the same command resumes)", file=sys.stderr)
+              f"(set AUDIOARC_DEBUG=1 for the traceback; re-running the same command resumes){_log_hint()}",
+              file=sys.stderr)
         return EXIT_ERROR
+
+
+def _log_hint() -> str:
+    if "pipeline.runtime" not in sys.modules:
+        return ""
+    from .runtime import ray_log_path
+    path = ray_log_path()
+    return f"\n(Ray's log: {path})" if path and os.path.exists(path) and os.path.getsize(path) else ""
 
 
 if __name__ == "__main__":

@@ -37,12 +37,27 @@ def prepare_corpus(src: Path, n_files: int) -> str:
         return f"{n_files} synthetic files"
 
 
-def run_demo(workdir: str, n_files: int) -> int:
-    from .cli import main
+def run_demo(workdir: str, n_files: int, run_command) -> int:
+    """Prepare the corpus and archive it with ``run_command(argv) -> exit code`` (the CLI's own ``main``)."""
     wd = Path(workdir).resolve()
     src, dest = wd / "src", wd / "archive"
     what = prepare_corpus(src, n_files)
     print(f"corpus: {src} ({what})")
-    code = main(["encode", str(src), str(dest), "--bitrate", "6"])
-    print(f"\nnext: audioarc ls {dest} | audioarc inspect {dest} | audioarc restore {dest} {wd / 'restored'}")
+    code = run_command(["encode", str(src), str(dest), "--bitrate", "6"])
+    exe = _executable()
+    print("\nnext:")
+    for cmd in (f"ls {dest}", f"inspect {dest}", f"verify {dest}", f"restore {dest} {wd / 'restored'}"):
+        print(f"  {exe} {cmd}")
     return code
+
+
+def _executable() -> str:
+    """How to run audioarc again from here: the script this process runs as (e.g. .venv/bin/audioarc)."""
+    import os
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    if os.path.basename(argv0) == "audioarc":
+        found = shutil.which("audioarc")
+        if found and os.path.realpath(found) == os.path.realpath(argv0):
+            return "audioarc"  # on PATH
+        return os.path.relpath(argv0) if not os.path.relpath(argv0).startswith("..") else argv0
+    return f"{sys.executable} -m pipeline.cli"

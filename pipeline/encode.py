@@ -18,6 +18,7 @@ from . import quality as quality_mod
 from .codec import registry
 from .codec.windows import CodecGeometry, Windower
 from .errors import ArchiveFormatError, CodecMismatchError, ConfigError, InputError, StorageError
+from .runtime import init_ray
 from .manifest import ARCHIVED, FAILED, ArchiveRecord, CodecRecord, Location, ManifestEntry
 from .quality import QualityConfig, StreamingSampler
 
@@ -52,6 +53,7 @@ class EncodeConfig:
     metrics_host: str = "127.0.0.1"
     metrics_linger: float = 0.0  # after the job: keep serving until its final values were scraped, <= this
     emit_metrics: bool = True  # worker-side Ray metrics (also off with AUDIOARC_METRICS=0)
+    rehash: bool = False  # read and hash every input, even those whose listed size and version are unchanged
 
     def windows_per_batch(self) -> int | None:
         """``batch_windows``, or ``batch_seconds`` in whole windows of ``window_seconds`` (at least 1)."""
@@ -136,7 +138,7 @@ def decode_file(item: dict, geom: CodecGeometry, window_frames: int, block_frame
     """
     uri, fid = item["source"], item["file_id"]
     info: dict = {"source": uri, "status": FAILED, "reason": "", "content_hash": "", "size": item["size"]}
-    em, t0, storage_err = metrics.Emitter(job_tags), time.perf_counter(), False
+    em, t0 = metrics.Emitter(job_tags), time.perf_counter()
     em.inc("audioarc_files_in", stage="decode")
     try:
         with storage.open_input(uri) as (f, digest):
@@ -149,7 +151,8 @@ def decode_file(item: dict, geom: CodecGeometry, window_frames: int, block_frame
                 return
             em.inc("audioarc_bytes_read", item["size"])
             if item["size"] == 0:
-                raise InputError(f"{uri}: empty file (0 bytes); remove it or replace it with the real recording")
+                raise InputError(f"{uri}: empty file (0 bytes); remove it or replace it with the real recording",
+                                 code="empty")
             ai = audio.probe(f, uri)
             info.update(sample_rate=ai.sample_rate, channels=ai.channels)
             cc = geom.channels  # channels per code stream: 1 = each channel its own stream
@@ -157,7 +160,7 @@ def decode_file(item: dict, geom: CodecGeometry, window_frames: int, block_frame
                 raise InputError(
                     f"{uri}: {ai.channels} channels, but codec {geom.name!r} codes one joint-stereo stream per "
                     f"file (mono or stereo inputs only); archive it with a mono codec (--codec encodec_24khz "
-                    f"or neural_rvq), which codes every channel separately")
+                    f"or neural_rvq), which codes every channel separately", code="channels")
             up = cc if cc > 1 and ai.channels == 1 else 1  # a mono file is coded as stereo (restored as mono)
             res = audio.Resampler(ai.sample_rate, geom.sample_rate, ai.channels)
             win = Windower(geom, window_frames, ai.channels * up)
@@ -174,21 +177,23 @@ def decode_file(item: dict, geom: CodecGeometry, window_frames: int, block_frame
                 frames += block.shape[1]
                 yield from rows(win.push(widen(res.process(block))))
             if frames == 0:
-                raise InputError(f"{uri}: zero-length audio (the file has a header but no samples)")
+                raise InputError(f"{uri}: zero-length audio (the file has a header but no samples)", code="zero_length")
             yield from rows(win.push(widen(res.flush())))
             yield from rows(win.finish())
             info.update(status=ARCHIVED, frames=frames, duration_s=frames / ai.sample_rate,
                         codec_samples=win.total, codec_frames=win.next_frame, n_windows=win.seq)
-    except (InputError, StorageError) as e:
-        info["reason"], storage_err = str(e), isinstance(e, StorageError)
+    except InputError as e:
+        info["reason"], info["reason_code"] = str(e), e.code
+    except StorageError as e:
+        info["reason"], info["reason_code"] = str(e), "storage"
     except Exception as e:  # noqa: BLE001 - anything else is recorded against the file, not fatal
-        info["reason"] = f"{uri}: unexpected {type(e).__name__} while decoding: {e}"
+        info["reason"], info["reason_code"] = f"{uri}: unexpected {type(e).__name__} while decoding: {e}", "unexpected"
     if info["status"] == ARCHIVED:
         em.inc("audioarc_files_out", stage="decode")
         em.inc("audioarc_audio_seconds_out", info["duration_s"], stage="decode")
         em.observe("audioarc_decode_file_seconds", time.perf_counter() - t0)
     else:
-        em.inc("audioarc_failures", stage="decode", reason=metrics.classify_failure(info["reason"], storage_err))
+        em.inc("audioarc_failures", stage="decode", reason=info.get("reason_code") or "other")
     yield _row("info", fid, info=json.dumps(info))
 
 
@@ -211,10 +216,7 @@ class CodecActor:
         if ray.is_initialized():  # outside Ray (unit use) asking for the context would start a local Ray
             rc = ray.get_runtime_context()
             self.node_id, self.actor_id = rc.get_node_id(), rc.get_actor_id()
-        self.codec = registry.load(codec, weights, device=device)
-        if self.codec.checkpoint_hash() != checkpoint_hash:
-            raise CodecMismatchError(f"codec actor loaded checkpoint {self.codec.checkpoint_hash()}, "
-                                     f"driver expected {checkpoint_hash}")
+        self.codec = archive.weights.load_path(codec, weights, checkpoint_hash, device)
         self.n_q, self.device = n_q, device
         self.bits = archive.bits_for(self.codec.codebook_size)
         self.ctx = sum(self.codec.encode_context)
@@ -308,89 +310,6 @@ class Progress:
 
     def actors(self) -> dict[str, float]:
         return dict(self.beats)
-
-
-# -- shards ---------------------------------------------------------------------------------------
-def make_sink(dest: str, gen: int, codec: CodecRecord, shard_bytes: int, job_tags: dict | None = None):
-    from ray.data import Datasink
-    from ray.data.block import BlockAccessor
-
-    class ShardSink(Datasink):
-        """Writes each write task's code rows into one staged shard; collects the info rows."""
-
-        def __init__(self):
-            self.results: list[dict] = []
-
-        @property
-        def min_bytes_per_write(self) -> int:
-            return shard_bytes  # bundle small blocks: one shard per ~shard_bytes, not one per input
-
-        def write(self, blocks, ctx) -> dict:
-            rel = archive.shard_relpath(gen, ctx.task_idx)
-            url = storage.join(archive.staging_dir(dest, gen), rel.rsplit("/", 1)[1])
-            writer = None
-            infos, seqs, nbytes = [], {}, {}
-            for block in blocks:
-                for row in BlockAccessor.for_block(block).to_arrow().to_pylist():
-                    if row["kind"] == "info":
-                        infos.append(json.loads(row["info"]))
-                        continue
-                    if writer is None:
-                        writer = archive.ShardWriter(url, codec)
-                    fid = row["file_id"]
-                    writer.add({"file_id": fid, "seq": row["seq"], "frame_start": row["frame_start"],
-                                "n_frames": row["n_frames"], "channels": row["channels"], "n_q": codec.n_q,
-                                "codes": row["payload"], "gains": row["gains"] or None})
-                    seqs.setdefault(fid, []).append(row["seq"])
-                    nbytes[fid] = nbytes.get(fid, 0) + len(row["payload"]) + len(row["gains"] or b"")
-            out = {"shard": None, "where": {}, "seqs": seqs, "codes_bytes": nbytes, "shard_bytes": 0,
-                   "infos": infos}
-            if writer is not None:
-                writer.close()
-                out.update(shard=rel, where=writer.where, shard_bytes=storage.size(url))
-            em = metrics.Emitter(job_tags)
-            em.inc("audioarc_files_out", sum(1 for i in infos if i["status"] == ARCHIVED), stage="write")
-            em.inc("audioarc_bytes_written", out["shard_bytes"])
-            return out
-
-        def on_write_complete(self, write_result) -> None:
-            self.results = list(write_result.write_returns)
-
-    return ShardSink()
-
-
-# -- ray ------------------------------------------------------------------------------------------
-def init_ray(address: str | None = None) -> None:
-    """Connect to ``address`` / RAY_ADDRESS, or start a local single node on loopback."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-    if ray.is_initialized():
-        return
-    addr = address or os.environ.get("RAY_ADDRESS") or "local"
-    kwargs = {"include_dashboard": False, "log_to_driver": bool(os.environ.get("AUDIOARC_RAY_LOGS")),
-              "logging_level": "WARNING"}
-    # workers (possibly on other machines) must reach the same object store with the same credentials;
-    # the values travel in the runtime env and are never printed
-    env = {k: os.environ[k] for k in storage.STORAGE_ENV_VARS if os.environ.get(k)}
-    if env:
-        kwargs["runtime_env"] = {"env_vars": env}
-    if addr == "local":
-        kwargs["_node_ip_address"] = "127.0.0.1"
-        if os.environ.get("AUDIOARC_RAY_METRICS_PORT"):  # fixed metrics export port (see dashboards/README.md)
-            kwargs["_metrics_export_port"] = int(os.environ["AUDIOARC_RAY_METRICS_PORT"])
-    from .cluster import driver_kwargs
-    extra = driver_kwargs(addr)  # ship the package to the cluster's workers (runtime env)
-    if "runtime_env" in extra and "runtime_env" in kwargs:  # keep both: shipped code and storage env vars
-        rt = dict(extra.pop("runtime_env"))
-        rt["env_vars"] = {**rt.get("env_vars", {}), **kwargs["runtime_env"]["env_vars"]}
-        kwargs["runtime_env"] = rt
-    kwargs.update(extra)
-    ray.init(address=addr, **kwargs)
-    import ray.data
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
 
 
 # -- the job --------------------------------------------------------------------------------------
@@ -491,26 +410,20 @@ def _batches(it: Iterable, n: int) -> Iterator[list]:
         yield buf
 
 
-def prepare_archive(cfg: EncodeConfig, codec) -> tuple[ArchiveRecord | None, CodecRecord, int]:
-    """Check DEST against the codec and bitrate, remove an interrupted job's leftovers."""
-    n_q = codec.n_q_for_kbps(cfg.bitrate_kbps)
-    rec = codec.record(n_q)
+def _peek(it: Iterator) -> Iterator:
+    """``it`` with its first item already fetched (a listing error or an empty SRC shows before any work)."""
+    first = next(it, None)
+    if first is None:
+        return iter(())
+    return _chain_first(first, it)
+
+
+def prepare_archive(cfg: EncodeConfig, codec, n_q: int) -> ArchiveRecord:
+    """Check DEST against the codec and bitrate (creating the archive if there is none)."""
     storage.check_bucket(cfg.dest)
-    storage.check_bucket(cfg.input_list or cfg.src)
-    existing = archive.read_record(cfg.dest)
-    if existing is not None:
-        old = existing.codec
-        if (old.name, old.checkpoint_hash) != (rec.name, rec.checkpoint_hash):
-            raise CodecMismatchError(
-                f"{cfg.dest}: archive was made by codec {old.name!r} (checkpoint {old.checkpoint_hash}); "
-                f"this job uses {rec.name!r} ({rec.checkpoint_hash}). Use --codec {old.name} with its weights "
-                f"to add to it, or choose a new DEST")
-        if old.n_q != rec.n_q:
-            raise ConfigError(f"{cfg.dest}: archive is at {old.kbps_per_channel:g} kbps; this job asks for "
-                              f"{cfg.bitrate_kbps:g} kbps. Use --bitrate {old.kbps_per_channel:g} or a new DEST")
-    for url in archive.garbage(cfg.dest, existing):
-        storage.remove(url, recursive=True)
-    return existing, rec, n_q
+    if storage.is_local(cfg.dest) and os.path.isfile(storage.local_path(cfg.dest)):
+        raise ConfigError(f"{cfg.dest}: DEST is a file, not a folder; choose a folder (or URL prefix) for the archive")
+    return archive.create_or_open(cfg.dest, codec, n_q)
 
 
 def run_encode(cfg: EncodeConfig, on_progress: Callable[[int, int, float], None] | None = None,
@@ -536,221 +449,373 @@ def run_encode(cfg: EncodeConfig, on_progress: Callable[[int, int, float], None]
             dm.close()
 
 
-def _with_archive_weights(cfg: EncodeConfig) -> EncodeConfig:
-    """Adding to an archive made with an earlier shipped checkpoint of the same codec: use that checkpoint."""
-    if cfg.codec_weights:
-        return cfg
+def _load_codec(cfg: EncodeConfig):
+    """The codec of this job: ``--codec-weights`` if given, else the weights the archive at DEST carries (or
+    the shipped checkpoint with its hash), else the shipped default weights."""
     try:
         existing = archive.read_record(cfg.dest)
     except (StorageError, ArchiveFormatError):
-        return cfg  # prepare_archive reports it
-    if existing is None or existing.codec.name != cfg.codec:
-        return cfg
-    path = registry.shipped_weights_for(existing.codec)
-    if path is None or path == registry.spec(cfg.codec).default_weights:
-        return cfg
-    return replace(cfg, codec_weights=str(path))
+        existing = None  # prepare_archive reports it
+    if existing is not None and existing.codec.name == cfg.codec:
+        try:
+            return archive.load_codec(cfg.dest, existing, cfg.codec_weights)
+        except CodecMismatchError:
+            pass  # other weights than the archive's: prepare_archive names the mismatch
+    return registry.load(cfg.codec, cfg.codec_weights)
 
 
 def _run_encode(cfg: EncodeConfig, on_progress, job_id: str, dm: "metrics.DriverMetrics | None") -> EncodeSummary:
     t0 = time.time()
-    cfg = _with_archive_weights(cfg)
-    codec = registry.load(cfg.codec, cfg.codec_weights)
-    existing, crec, n_q = prepare_archive(cfg, codec)
+    # workers run in other folders: local paths travel absolute
+    cfg = replace(cfg, src=storage.absolute(cfg.src), dest=storage.absolute(cfg.dest),
+                  input_list=storage.absolute(cfg.input_list) if cfg.input_list else None,
+                  codec_weights=storage.absolute(cfg.codec_weights) if cfg.codec_weights else None)
+    storage.check_bucket(cfg.dest)
+    storage.check_bucket(cfg.input_list or cfg.src)
+    inputs = _peek(_list_inputs(cfg.src, cfg.input_list))  # a missing SRC fails here, before anything is written
+    codec = _load_codec(cfg)
+    n_q = codec.n_q_for_kbps(cfg.bitrate_kbps)
     geom = CodecGeometry.of(codec)
     seg = codec.segment_frames  # windows hold whole segments of segment codecs
     window_frames = max(seg, -(-int(round(cfg.window_seconds * codec.frame_rate)) // seg) * seg)
-    manifest = archive.read_manifest(cfg.dest, existing) if existing else {}
-    init_ray(cfg.address)
-    import ray
-    if dm is not None:  # Prometheus file_sd entries in the Ray session dir (see dashboards/README.md)
-        from .monitor import advertise
-        dm.advertised = advertise(dm.url, job_id)
+    first = next(inputs, None)
+    if first is None:
+        raise ConfigError(f"{cfg.src}: no audio files found (looked for {', '.join(AUDIO_EXTENSIONS)})")
+    inputs = _chain_first(first, inputs)
+    record = prepare_archive(cfg, codec, n_q)
+    crec = record.codec
+    actor_weights = cfg.codec_weights or storage.join(cfg.dest, record.weights.path)
+    lease = archive.Lease(cfg.dest, job_id)
+    try:
+        archive.collect_garbage(cfg.dest)  # what killed jobs left (never what a live job holds)
+        return _encode_waves(cfg, job_id, dm, on_progress, t0, inputs, record, crec, n_q, geom, window_frames,
+                             actor_weights, lease)
+    finally:
+        try:
+            archive.collect_garbage(cfg.dest, own_job=job_id)  # this job's uncommitted shards, if it failed
+        finally:
+            lease.release()
 
-    plan = placement.plan_actors(ray.cluster_resources(), cfg.actors, cfg.gpus_per_actor, cfg.min_actors,
-                                 cfg.max_actors, cfg.windows_per_batch(), cfg.precision)
-    progress = ray.remote(num_cpus=0)(Progress).remote()
+
+class _Runtime:
+    """Ray and what hangs on it (actor plan, progress actor, quality task), started on first need: a job whose
+    inputs are all unchanged never starts Ray."""
+
+    def __init__(self, cfg: EncodeConfig, job_id: str, dm, q):
+        self.cfg, self.job_id, self.dm, self.q = cfg, job_id, dm, q
+        self.ray = self.plan = self.progress = self.q_task = None
+
+    def start(self):
+        if self.ray is None:
+            init_ray(self.cfg.address)
+            import ray
+            if self.dm is not None:  # Prometheus file_sd entries in the Ray session dir (see dashboards/README.md)
+                from .monitor import advertise
+                self.dm.advertised = advertise(self.dm.url, self.job_id)
+            c = self.cfg
+            self.plan = placement.plan_actors(ray.cluster_resources(), c.actors, c.gpus_per_actor, c.min_actors,
+                                              c.max_actors, c.windows_per_batch(), c.precision)
+            self.progress = ray.remote(num_cpus=0)(Progress).remote()
+            self.q_task = ray.remote(num_cpus=0.5)(quality_mod.evaluate) if self.q else None
+            self.ray = ray
+        return self.ray
+
+
+def _plan_wave(cfg: EncodeConfig, current: "archive.Archive", wave: list
+               ) -> tuple[list[dict], list[ManifestEntry], dict[str, ManifestEntry]]:
+    """Split a wave of listed inputs into items to decode and entries already archived unchanged. The wave's
+    committed entries are looked up in the catalog (a bounded read, never the whole catalog); an input whose
+    listed size and version (ETag / mtime) equal its archived entry's is unchanged without reading a byte, and
+    one without a listed version is hashed by its decode task and skipped there when the hash matches."""
+    prev = current.by_sources([obj.uri for obj in wave])
+    items, unchanged = [], []
+    for obj in wave:
+        p = prev.get(obj.uri)
+        ok = p is not None and p.status == ARCHIVED
+        if ok and not cfg.rehash and obj.version and p.source_version == obj.version and p.size == obj.size >= 0:
+            unchanged.append(p)
+            continue
+        items.append({"source": obj.uri, "file_id": file_id_for(obj.uri), "size": obj.size,
+                      "prev_hash": p.content_hash if ok else "", "version": obj.version})
+    return items, unchanged, prev
+
+
+STREAM_CHUNK = 4096  # inputs per Ray dataset: codec actors live across the chunk's generations
+LOOKUP_BATCH = 2000  # inputs matched against the catalog per lookup
+
+
+class _Assembler:
+    """The driver's end of the stream: code rows into shards, completed files into generations, generations
+    into commits. Rows arrive from the codec actors in any order; a file is complete when its info row and all
+    its windows are in. A file's windows may sit in the shard of an earlier generation than the one that commits
+    it (they arrived before it completed): committed shards never change, so its entry points there too."""
+
+    def __init__(self, cfg: EncodeConfig, crec: CodecRecord, job_id: str, lease, last_gen: int):
+        self.cfg, self.crec, self.job_id, self.lease = cfg, crec, job_id, lease
+        self.shard_bytes = int(cfg.shard_mb * (1 << 20))
+        self.last_gen = last_gen
+        self.gen: int | None = None  # the generation being filled (claimed when it first needs a number)
+        self.part = 0
+        self.writer = None
+        self.rel = ""
+        self.writer_codes = 0
+        self.closed: dict[str, tuple[dict, int, str]] = {}  # shard rel -> (file id -> row groups, bytes, sha256)
+        self.shard_codes: dict[str, int] = {}  # shard rel -> code bytes in it (shares archive bytes out)
+        self.shards_of: dict[int, set[str]] = {}  # file id -> shards holding its windows
+        self.seqs: dict[int, set[int]] = {}
+        self.codes_bytes: dict[int, dict[str, int]] = {}  # file id -> shard -> code bytes
+        self.infos: dict[int, dict] = {}
+        self.items: dict[int, dict] = {}  # in flight: file id -> item (with its committed entry, "prev")
+        self.ready: list[int] = []  # complete, not yet committed
+
+    def expect(self, item: dict) -> None:
+        self.items[item["file_id"]] = item
+
+    def _claim(self) -> int:
+        if self.gen is None:
+            self.gen = self.last_gen = archive.claim_generation(self.cfg.dest, self.job_id, self.last_gen)
+        return self.gen
+
+    def _close_shard(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.closed[self.rel] = (self.writer.where, self.writer.bytes, self.writer.sha256)
+            self.writer, self.writer_codes = None, 0
+            self.part += 1
+
+    def add_window(self, fid: int, row: dict) -> None:
+        if self.writer is None:
+            self.rel = archive.shard_relpath(self._claim(), self.part)
+            self.writer = archive.ShardWriter(storage.join(self.cfg.dest, self.rel), self.crec)
+        self.writer.add(row)
+        n = len(row["codes"]) + len(row.get("gains") or b"")
+        self.writer_codes += n
+        self.shard_codes[self.rel] = self.shard_codes.get(self.rel, 0) + n
+        self.seqs.setdefault(fid, set()).add(row["seq"])
+        self.shards_of.setdefault(fid, set()).add(self.rel)
+        per = self.codes_bytes.setdefault(fid, {})
+        per[self.rel] = per.get(self.rel, 0) + n
+        if self.writer_codes >= self.shard_bytes:
+            self._close_shard()
+        self._check(fid)
+
+    def add_info(self, fid: int, info: dict) -> None:
+        self.infos[fid] = info
+        self._check(fid)
+
+    def _check(self, fid: int) -> None:
+        info = self.infos.get(fid)
+        if info is None or fid not in self.items:
+            return
+        if info["status"] == ARCHIVED and len(self.seqs.get(fid, ())) < info["n_windows"]:
+            return
+        self.ready.append(fid)
+        self.items[fid]["_ready"] = True
+
+    def pending(self) -> int:
+        return len(self.ready)
+
+    def commit(self, lost: bool = False) -> tuple[int | None, list[ManifestEntry], list[ManifestEntry], list[dict]]:
+        """Commit the complete files (``lost``: and every file still in flight, as failed: the stream ended without
+        them). Returns (generation, entries, refreshed entries, their items)."""
+        fids = list(self.ready)
+        if lost:
+            fids += [f for f, it in self.items.items() if not it.get("_ready")]
+        self.ready = []
+        if not fids:
+            return None, [], [], []
+        self._close_shard()
+        gen = self._claim()
+        stamp = archive.now()
+        entries, refreshed, items = [], [], []
+        for fid in fids:
+            it = self.items.pop(fid)
+            items.append(it)
+            e = self._entry(fid, it, gen, stamp)
+            if e is None:
+                continue
+            (refreshed if e.generation == -1 else entries).append(e)
+        refreshed = [replace(e, generation=gen) for e in refreshed]
+        prev = {it["source"]: it["prev"] for it in items if it.get("prev") is not None}
+        kept = archive.catalog.Totals(prev)
+        for e in entries + refreshed:
+            kept.add(e)
+        archive.commit_generation(self.cfg.dest, self.lease, gen, entries + refreshed, totals=kept.sum)
+        for fid in fids:
+            for d in (self.seqs, self.shards_of, self.codes_bytes, self.infos):
+                d.pop(fid, None)
+        self.gen, self.part = None, 0  # the next generation gets the next number
+        return gen, entries, refreshed, items
+
+    def _entry(self, fid: int, it: dict, gen: int, stamp: str) -> ManifestEntry | None:
+        uri = it["source"]
+        info = self.infos.get(fid)
+        size = it["size"] if it["size"] >= 0 else int((info or {}).get("size", -1))
+        base = {"source": uri, "relpath": storage.relpath(self.cfg.src, uri), "file_id": fid, "size": max(size, 0),
+                "generation": gen, "encoded_at": stamp, "source_version": it.get("version") or ""}
+        if info is None:
+            return ManifestEntry(content_hash="", status=FAILED, reason=f"{uri}: no result came back from the "
+                                 f"workers (task lost); re-run the job to retry it", reason_code="lost", **base)
+        if info["status"] == "skipped":
+            p = it.get("prev")
+            if p is not None and it.get("version") and it["version"] != p.source_version:
+                return replace(p, source_version=it["version"], generation=-1, encoded_at=stamp)
+            return None
+        if info["status"] == ARCHIVED and self.seqs.get(fid, set()) != set(range(info["n_windows"])):
+            info = dict(info, status=FAILED, reason_code="incomplete",
+                        reason=f"{uri}: only {len(self.seqs.get(fid, ()))} of {info['n_windows']} code windows "
+                               f"were written; re-run the job")
+        if info["status"] != ARCHIVED:
+            return ManifestEntry(content_hash=info.get("content_hash", ""), status=FAILED, reason=info["reason"],
+                                 reason_code=info.get("reason_code") or "other", sample_rate=info.get("sample_rate", 0),
+                                 channels=info.get("channels", 0), **base)
+        locs, arc_bytes = [], 0
+        for rel in sorted(self.shards_of.get(fid, ())):
+            where, nbytes, sha = self.closed[rel]
+            locs += [Location(rel, g, nbytes, sha) for g in where.get(fid, [])]
+            arc_bytes += int(round(nbytes * self.codes_bytes[fid].get(rel, 0) / (self.shard_codes.get(rel) or 1)))
+        return ManifestEntry(
+            content_hash=info["content_hash"], status=ARCHIVED, duration_s=info["duration_s"],
+            sample_rate=info["sample_rate"], channels=info["channels"], frames=info["frames"],
+            codec_samples=info["codec_samples"], codec_frames=info["codec_frames"], n_windows=info["n_windows"],
+            archive_bytes=arc_bytes, locations=tuple(sorted(set(locs), key=lambda loc: (loc.shard, loc.row_group))),
+            **base)
+
+
+def _encode_waves(cfg, job_id, dm, on_progress, t0, inputs, record, crec, n_q, geom, window_frames, actor_weights,
+                  lease) -> EncodeSummary:
+    """One streaming pipeline per chunk of inputs (decode tasks -> codec actors -> the driver, which writes the
+    shards and commits a generation every ``commit_every`` completed files: a generation boundary costs a shard
+    close and one catalog append, not a new actor pool)."""
+    current = archive.Archive(cfg.dest, record)
+    asm = _Assembler(cfg, crec, job_id, lease, archive.commit.highest_claimed(cfg.dest))
     job_tags = {"job_id": job_id, "codec": crec.name, "bitrate": f"{cfg.bitrate_kbps:g}"} \
         if cfg.emit_metrics and metrics.enabled() else None
-
-    def report(f: int, s: float) -> None:
-        if on_progress:
-            on_progress(f, files_total, s)
-        if dm is not None:
-            dm.progress(f, files_total, s, ray.get(progress.actors.remote()))
-
-    generations = list(existing.generations) if existing else []
-    created = existing.created_at if existing else archive.now()
-    totals = _Totals()
     q = cfg.quality if cfg.quality is not None and cfg.quality.fraction > 0 else None
-    sampler = StreamingSampler(q.fraction, q.seed) if q else None
-    q_task = ray.remote(num_cpus=0.5)(quality_mod.evaluate) if q else None
+    rt = _Runtime(cfg, job_id, dm, q)
+    sampler = StreamingSampler(q.fraction, q.seed, q.min_files) if q else None
     q_futures: list = []
-    record = existing
-    files_total = 0
-    for wave in _batches(_list_inputs(cfg.src, cfg.input_list), cfg.commit_every):
-        files_total += len(wave)
-        gen = (max(generations) if generations else 0) + 1
-        items = []
-        for obj in wave:
-            prev = manifest.get(obj.uri)
-            prev_hash = prev.content_hash if prev is not None and prev.status == ARCHIVED else ""
-            items.append({"source": obj.uri, "file_id": file_id_for(obj.uri), "size": obj.size,
-                          "prev_hash": prev_hash})
-        sink = make_sink(cfg.dest, gen, crec, int(cfg.shard_mb * (1 << 20)), job_tags)
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
+    totals = _Totals()
+    counts = {"files": 0, "unchanged": 0, "unchanged_s": 0.0}
+    generations: set[int] = set()
+    em = metrics.Emitter(job_tags)
+
+    def report() -> None:
+        if not (on_progress or dm is not None):
+            return
+        f, s = tuple(rt.ray.get(rt.progress.get.remote())) if rt.ray else (0, 0.0)
+        f, s = f + counts["unchanged"], s + counts["unchanged_s"]
+        if on_progress:
+            on_progress(f, counts["files"], s)
+        if dm is not None:
+            dm.progress(f, counts["files"], s, rt.ray.get(rt.progress.actors.remote()) if rt.ray else {})
+
+    def planned():  # inputs to decode; unchanged ones are accounted as they are seen
+        for wave in _batches(inputs, LOOKUP_BATCH):
+            counts["files"] += len(wave)
+            items, unchanged, prev = _plan_wave(cfg, current, wave)
+            for e in unchanged:
+                totals.add(e, skipped=True)
+                counts["unchanged"] += 1
+                counts["unchanged_s"] += e.duration_s
+            if unchanged and dm is not None:
+                dm.committed([], skipped=len(unchanged))
+            for it in items:
+                it["prev"] = prev.get(it["source"])
+                yield it
+            if not items:
+                report()
+
+    def committed(result) -> None:
+        nonlocal record
+        gen, entries, refreshed, items = result
+        if gen is None:
+            return
+        written = {e.source for e in entries}
+        for e in entries:
+            totals.add(e, skipped=False)
+        n_skipped = 0
+        for it in items:  # skipped by their hash: they keep their committed entry
+            if it["source"] not in written and it.get("prev") is not None:
+                totals.add(it["prev"], skipped=True)
+                n_skipped += 1
+        if dm is not None:
+            dm.committed(entries, skipped=n_skipped)
+        em.inc("audioarc_files_out", sum(1 for e in entries if e.status == ARCHIVED), stage="write")
+        generations.add(gen)
+        record = replace(record, generations=tuple(sorted(generations)))
+        if sampler:  # sample this generation's files now, while the stream goes on
+            q_futures.extend(rt.q_task.remote(cfg.dest, record, e, q, weights=cfg.codec_weights)
+                             for e in entries if sampler.offer(e))
+
+    for chunk in _batches(planned(), STREAM_CHUNK):
+        ray = rt.start()
+        plan = rt.plan
+        for it in chunk:
+            asm.expect(it)
+        rows = [{k: it[k] for k in ("source", "file_id", "size", "prev_hash")} for it in chunk]
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         ds = ds.flat_map(decode_file,
                          fn_kwargs={"geom": geom, "window_frames": window_frames, "job_tags": job_tags},
                          num_cpus=0.5)
         ds = ds.map_batches(
             CodecActor, batch_size=plan.batch_windows, batch_format="numpy",
-            fn_constructor_kwargs={"codec": cfg.codec, "weights": cfg.codec_weights,
+            fn_constructor_kwargs={"codec": crec.name, "weights": actor_weights,
                                    "checkpoint_hash": crec.checkpoint_hash, "n_q": n_q, "device": plan.device,
-                                   "threads": cfg.threads_per_actor, "progress": progress,
+                                   "threads": cfg.threads_per_actor, "progress": rt.progress,
                                    "job_tags": job_tags, "precision": plan.precision},
             compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
             **plan.remote_args())
-        done = threading.Event()
-        err: list[BaseException] = []
-
-        def run():
-            try:
-                ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
-            except BaseException as e:  # noqa: BLE001 - re-raised in the driver thread
-                err.append(e)
-            finally:
-                done.set()
-
-        threading.Thread(target=run, daemon=True).start()
-        while not done.wait(0.5):
-            if on_progress or dm is not None:
-                report(*ray.get(progress.get.remote()))
-        if err:
-            raise err[0]
-        entries = _commit_generation(cfg, gen, crec, items, sink.results)
-        written = {e.source for e in entries}
-        for e in entries:
-            totals.add(e, skipped=False)
-        n_skipped = 0
-        for it in items:  # skipped files keep their committed entry
-            if it["source"] not in written:
-                totals.add(manifest[it["source"]], skipped=True)
-                n_skipped += 1
-        if dm is not None:
-            dm.committed(entries, skipped=n_skipped)
-        if any(e.generation == gen for e in entries):
-            generations.append(gen)
-            record = ArchiveRecord(archive.FORMAT_NAME, archive.FORMAT_VERSION, crec, tuple(generations), created,
-                                   archive.now())
-            archive.write_record(cfg.dest, record)
-            if sampler:  # sample this generation's files now, while the next one encodes
-                q_futures += [q_task.remote(cfg.dest, record, e, q, weights=cfg.codec_weights)
-                              for e in entries if sampler.offer(e)]
-        if on_progress or dm is not None:
-            report(*ray.get(progress.get.remote()))
-    if files_total == 0:
-        raise ConfigError(f"{cfg.src}: no audio files found (looked for {', '.join(AUDIO_EXTENSIONS)})")
-    if not generations:  # first job on this DEST: commit an empty record so the archive exists
-        archive.write_record(cfg.dest, ArchiveRecord(archive.FORMAT_NAME, archive.FORMAT_VERSION, crec, (),
-                                                     created, archive.now()))
+        last = time.monotonic()
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            kinds = batch["kind"]
+            written = 0
+            for i in range(len(kinds)):
+                fid = int(batch["file_id"][i])
+                if kinds[i] == "win":
+                    codes = batch["payload"][i]
+                    gains = batch["gains"][i] or None
+                    asm.add_window(fid, {"file_id": fid, "seq": int(batch["seq"][i]),
+                                         "frame_start": int(batch["frame_start"][i]),
+                                         "n_frames": int(batch["n_frames"][i]), "channels": int(batch["channels"][i]),
+                                         "n_q": crec.n_q, "codes": codes, "gains": gains})
+                    written += len(codes) + len(gains or b"")
+                else:
+                    asm.add_info(fid, json.loads(batch["info"][i]))
+            em.inc("audioarc_bytes_written", written)
+            if asm.pending() >= cfg.commit_every:
+                committed(asm.commit())
+            if time.monotonic() - last > 0.5:
+                report()
+                last = time.monotonic()
+        committed(asm.commit(lost=True))  # the chunk is through: its last files, and any the stream lost
+        report()
     quality_result = None
     if sampler:
-        q_futures += [q_task.remote(cfg.dest, record, e, q, weights=cfg.codec_weights) for e in sampler.leftovers()]
+        left = list(sampler.leftovers())
+        if left:
+            rt.start()
+        q_futures += [rt.q_task.remote(cfg.dest, record, e, q, weights=cfg.codec_weights) for e in left]
         if q_futures:
-            rows = ray.get(q_futures)
+            rows = rt.ray.get(q_futures)
             quality_result = quality_mod.finish(cfg.dest, job_id, rows, q, {
-                "archive": cfg.dest, "codec": crec.name, "bitrate_kbps": crec.kbps_per_channel,
-                "files in job": files_total})
+                "archive": cfg.dest, "codec": crec.name, "checkpoint": crec.checkpoint_hash,
+                "bitrate_kbps": crec.kbps_per_channel,
+                "effective_kbps": round(totals.archive_bytes * 8 / totals.audio_s / 1000, 3) if totals.audio_s else None,
+                "files in job": counts["files"], "files_failed": totals.failed},
+                files_archived=totals.archived - totals.skipped)  # the files this run encoded: the sample's population
     summary = summarize(cfg, crec, totals, time.time() - t0)
-    summary.placement = dict(plan.to_json(), nodes=ray.get(progress.by_node.remote()))
+    if rt.ray is not None:
+        summary.placement = dict(rt.plan.to_json(), nodes=rt.ray.get(rt.progress.by_node.remote()))
     if quality_result is not None:
         if dm is not None:
             dm.quality(quality_result.summary)
         summary.quality = {"summary": quality_result.summary, "violations": quality_result.violations,
                            "table": quality_result.table, "report": quality_result.report}
     summary.job_id = job_id
-    summary.report = storage.join(cfg.dest, "reports", f"encode-{archive.now().replace(':', '')}.json")
+    summary.report = storage.join(cfg.dest, "reports", f"encode-{job_id}.json")
     storage.write_bytes(summary.report, (json.dumps(summary.to_json(), indent=2) + "\n").encode())
     return summary
-
-
-MOVE_THREADS = 16  # concurrent staging -> final shard moves (on S3 each is a CopyObject + DeleteObject)
-
-
-def _move_all(moves: list[tuple[str, str]]) -> None:
-    """Move staged shards to their final names, concurrently: on an object store a move is two requests
-    of tens of milliseconds (more for a server-side copy of a 64 MiB shard), so a serial loop would put
-    hours of round trips between generations at library scale (deploy/SCALING.md). Every move is
-    idempotent, so the first failure is raised and a re-run of the job finishes the rest."""
-    if not moves:
-        return
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(max_workers=min(MOVE_THREADS, len(moves)), thread_name_prefix="shard-move") as ex:
-        for f in [ex.submit(storage.move, src, dst) for src, dst in moves]:
-            f.result()
-
-
-def _commit_generation(cfg: EncodeConfig, gen: int, crec: CodecRecord, items: list[dict], results: list[dict]
-                       ) -> list[ManifestEntry]:
-    """Move staged shards into place and write this generation's manifest rows (not yet the record)."""
-    infos: dict[str, dict] = {}
-    where: dict[int, list[Location]] = {}
-    seqs: dict[int, set[int]] = {}
-    codes_bytes: dict[int, int] = {}
-    moves: list[tuple[str, str]] = []
-    for r in results:
-        for info in r["infos"]:
-            infos[info["source"]] = info
-        if r["shard"] is None:
-            continue
-        total_codes = sum(r["codes_bytes"].values()) or 1
-        for fid, groups in r["where"].items():
-            where.setdefault(fid, []).extend(Location(r["shard"], g) for g in groups)
-        for fid, s in r["seqs"].items():
-            seqs.setdefault(fid, set()).update(s)
-        for fid, b in r["codes_bytes"].items():
-            # the shard's bytes on disk, shared out in proportion to the codes each file put there
-            codes_bytes[fid] = codes_bytes.get(fid, 0) + int(round(r["shard_bytes"] * b / total_codes))
-        staged = storage.join(archive.staging_dir(cfg.dest, gen), r["shard"].rsplit("/", 1)[1])
-        moves.append((staged, storage.join(cfg.dest, r["shard"])))
-    _move_all(moves)
-    storage.remove(archive.staging_dir(cfg.dest, gen), recursive=True)
-    stamp = archive.now()
-    entries = []
-    for it in items:
-        uri, fid = it["source"], it["file_id"]
-        info = infos.get(uri)
-        size = it["size"] if it["size"] >= 0 else int((info or {}).get("size", -1))
-        base = {"source": uri, "relpath": storage.relpath(cfg.src, uri), "file_id": fid, "size": max(size, 0),
-                "generation": gen, "encoded_at": stamp}
-        if info is None:
-            entries.append(ManifestEntry(content_hash="", status=FAILED,
-                                         reason=f"{uri}: no result came back from the workers (task lost); "
-                                                f"re-run the job to retry it", **base))
-            continue
-        if info["status"] == "skipped":
-            continue
-        if info["status"] == ARCHIVED:
-            n_windows = info["n_windows"]
-            if seqs.get(fid, set()) != set(range(n_windows)):
-                info = dict(info, status=FAILED, reason=f"{uri}: only {len(seqs.get(fid, ()))} of {n_windows} "
-                                                        f"code windows were written; re-run the job")
-        if info["status"] != ARCHIVED:
-            entries.append(ManifestEntry(content_hash=info.get("content_hash", ""), status=FAILED,
-                                         reason=info["reason"], sample_rate=info.get("sample_rate", 0),
-                                         channels=info.get("channels", 0), **base))
-            continue
-        entries.append(ManifestEntry(
-            content_hash=info["content_hash"], status=ARCHIVED, duration_s=info["duration_s"],
-            sample_rate=info["sample_rate"], channels=info["channels"], frames=info["frames"],
-            codec_samples=info["codec_samples"], codec_frames=info["codec_frames"], n_windows=info["n_windows"],
-            archive_bytes=codes_bytes.get(fid, 0),
-            locations=tuple(sorted(set(where.get(fid, [])), key=lambda loc: (loc.shard, loc.row_group))),
-            **base))
-    if entries:
-        # conditional create: two jobs racing for the same generation cannot both commit it
-        archive.write_manifest(storage.join(cfg.dest, archive.manifest_relpath(gen)), entries, exclusive=True)
-    return entries
 
 
 @dataclass

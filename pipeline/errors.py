@@ -6,7 +6,14 @@ class AudioarcError(Exception):
 
 
 class InputError(AudioarcError):
-    """A source object cannot be archived (not audio, empty, truncated, unreadable)."""
+    """A source object cannot be archived (not audio, empty, truncated, unreadable).
+
+    ``code`` names the kind for machines (metrics labels, ``reason_code`` in the catalog): one of
+    ``metrics.FAILURE_REASONS``; rewording the message never changes it."""
+
+    def __init__(self, message: str, code: str = "other"):
+        super().__init__(message)
+        self.code = code
 
 
 class ArchiveFormatError(AudioarcError):
@@ -27,3 +34,11 @@ class StorageError(AudioarcError):
 
 class ConfigError(AudioarcError, ValueError):
     """Invalid options or configuration."""
+
+
+class IntegrityError(ArchiveFormatError):
+    """Archived data failed a check: a checksum mismatch, a missing or truncated object, a lost code row."""
+
+
+class ConcurrencyError(AudioarcError):
+    """Another job's state got in the way of a commit (e.g. this job's lease expired); nothing was damaged."""

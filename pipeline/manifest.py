@@ -1,4 +1,4 @@
-"""Typed manifest records: one ``ManifestEntry`` per input, and the archive's commit record."""
+"""Typed catalog records: one ``ManifestEntry`` per input, the codec identity, and the archive's record."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -9,10 +9,15 @@ FAILED = "failed"
 
 @dataclass(frozen=True)
 class Location:
-    """Codes of a file live in these row groups of this shard (path relative to the archive root)."""
+    """Codes of a file live in these row groups of this shard (path relative to the archive root).
+
+    Since format 2.0 each location also names the whole shard's size and sha256 as committed, so a reader
+    can check the object it opens (format 1.x: None)."""
 
     shard: str
     row_group: int
+    shard_bytes: int | None = None
+    shard_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,8 @@ class ManifestEntry:
     locations: tuple[Location, ...] = field(default_factory=tuple)
     generation: int = 0
     encoded_at: str = ""
+    source_version: str = ""  # since 2.0: the listing's ETag / mtime of the source when it was read
+    reason_code: str = ""  # since 2.0: machine-readable failure kind (empty when archived)
 
     def to_row(self) -> dict:
         d = asdict(self)
@@ -43,8 +50,11 @@ class ManifestEntry:
 
     @staticmethod
     def from_row(row: dict) -> "ManifestEntry":
-        row = dict(row)
+        row = {k: v for k, v in row.items() if k in _ENTRY_FIELDS}
         row["locations"] = tuple(Location(**loc) for loc in (row.get("locations") or []))
+        for k in ("source_version", "reason_code", "reason"):
+            if row.get(k) is None:
+                row[k] = ""
         return ManifestEntry(**row)
 
 
@@ -61,8 +71,20 @@ class CodecRecord:
 
 
 @dataclass(frozen=True)
+class WeightsRef:
+    """The codec weights an archive carries (format 2.0): ``weights/<checkpoint hash>.safetensors``."""
+
+    path: str  # relative to the archive root
+    sha256: str  # of the file's bytes
+    bytes: int
+
+
+@dataclass(frozen=True)
 class ArchiveRecord:
-    """Contents of ``archive.json``: the commit point. Readers see exactly the generations it lists."""
+    """An archive's identity (``archive.json``) and, as read, its committed generations.
+
+    Format 1.x: ``archive.json`` is the commit point and lists the generations. Format 2.0: it is written
+    once when the archive is created; the catalog's commit log says which generations are committed."""
 
     format: str
     format_version: str
@@ -70,3 +92,11 @@ class ArchiveRecord:
     generations: tuple[int, ...]
     created_at: str
     updated_at: str
+    weights: WeightsRef | None = None
+
+    @property
+    def major(self) -> int:
+        return int(self.format_version.split(".")[0])
+
+
+_ENTRY_FIELDS = frozenset(ManifestEntry.__dataclass_fields__)

@@ -29,7 +29,8 @@ RAY_PREFIX = "ray_"
 # labels every pipeline metric carries (node: the Ray node's IP, or the driver's host)
 JOB_LABELS = ("job_id", "codec", "bitrate")
 STAGES = ("decode", "encode", "write", "commit")
-FAILURE_REASONS = ("not_audio", "empty", "truncated", "zero_length", "storage", "other")
+FAILURE_REASONS = ("not_audio", "empty", "truncated", "zero_length", "channels", "storage", "lost", "incomplete",
+                   "damaged", "unexpected", "other")
 
 # seconds: one file decoded, one codec batch encoded
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -143,7 +144,8 @@ def enabled() -> bool:
 
 
 def classify_failure(reason: str, storage_error: bool = False) -> str:
-    """A failure message -> one of FAILURE_REASONS."""
+    """A failure message -> one of FAILURE_REASONS: only for entries of format 1.x archives, which carry no
+    ``reason_code`` (every failure audioarc records now carries its code from where it was raised)."""
     r = reason.lower()
     if storage_error:
         return "storage"
@@ -333,7 +335,7 @@ class DriverMetrics:
                 self._arc_bytes += e.archive_bytes
             else:
                 self.inc("audioarc_job_files", status="failed")
-                self.inc("audioarc_job_failures", reason=classify_failure(e.reason))
+                self.inc("audioarc_job_failures", reason=getattr(e, "reason_code", "") or classify_failure(e.reason))
         self.inc("audioarc_job_files", skipped, status="skipped")
         if self._arc_bytes:
             self.set("audioarc_job_compression_ratio", self._src_bytes / self._arc_bytes)

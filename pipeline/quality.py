@@ -3,6 +3,8 @@ originals, quality gates, and the results table (Parquet in the archive) behind 
 from __future__ import annotations
 
 import hashlib
+import heapq
+import io
 import json
 import math
 import re
@@ -33,8 +35,13 @@ class Gate:
     op: str  # "<=" or ">="
     value: float
 
+    @property
+    def column(self) -> str:
+        """The results column this floor tests."""
+        return GATE_METRICS[self.metric]
+
     def passes(self, row: dict) -> bool:
-        v = row.get(GATE_METRICS[self.metric])
+        v = row.get(self.column)
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return True  # not measured for this file (e.g. STOI on music): no verdict
         return v <= self.value if self.op == "<=" else v >= self.value
@@ -61,15 +68,20 @@ def parse_gates(text: str | None) -> tuple[Gate, ...]:
 class QualityConfig:
     fraction: float = 0.02  # of archived files, sampled during encode
     seed: int = 0
+    min_files: int = 20  # sampled during encode at least (every file of a job this small), then the fraction
     excerpt_seconds: float = 30.0  # evaluated span per file (from its middle); 0 = whole file
     visqol: bool = True  # when visqol-python is installed
     visqol_seconds: float = 8.0
     gates: tuple[Gate, ...] = ()
     worst_spectrograms: int = 3
+    listen_files: int = 8  # worst files with original/restored excerpt players on the report page
+    listen_seconds: float = 8.0
 
     def validate(self) -> "QualityConfig":
         if not 0.0 <= self.fraction <= 1.0:
             raise ConfigError(f"--quality-sample must be in [0, 1], got {self.fraction}")
+        if self.min_files < 0:
+            raise ConfigError(f"--quality-min-files must be >= 0, got {self.min_files}")
         return self
 
 
@@ -90,12 +102,16 @@ def stratum(e: ManifestEntry) -> str:
 class StreamingSampler:
     """Sampling while files are committed: each archived file is taken with probability ``fraction``
     (by its seeded hash, so the choice does not depend on order or timing); at the end every stratum
-    still without a sample gets its lowest-hash file. Reproducible for the same inputs and seed."""
+    still without a sample gets its lowest-hash file, and if fewer than ``min_files`` were taken the
+    lowest-hash others make up the difference (a small job is measured whole). Reproducible for the same
+    inputs and seed; memory: one entry per stratum plus ``min_files``."""
 
-    def __init__(self, fraction: float, seed: int):
-        self.fraction, self.seed = fraction, seed
+    def __init__(self, fraction: float, seed: int, min_files: int = 0):
+        self.fraction, self.seed, self.min_files = fraction, seed, min_files
         self.covered: set[str] = set()
         self.best: dict[str, tuple[float, ManifestEntry]] = {}
+        self.taken = 0
+        self.low: list[tuple[float, str, ManifestEntry]] = []  # max-heap (by -u) of the min_files lowest untaken
 
     def offer(self, e: ManifestEntry) -> bool:
         if e.status != ARCHIVED or self.fraction <= 0:
@@ -103,13 +119,26 @@ class StreamingSampler:
         s, u = stratum(e), unit(self.seed, e.source)
         if u < self.fraction:
             self.covered.add(s)
+            self.taken += 1
             return True
         if s not in self.best or u < self.best[s][0]:
             self.best[s] = (u, e)
+        if self.min_files > 0:
+            item = (-u, e.source, e)
+            if len(self.low) < self.min_files:
+                heapq.heappush(self.low, item)
+            elif item[:2] > self.low[0][:2]:
+                heapq.heapreplace(self.low, item)
         return False
 
     def leftovers(self) -> list[ManifestEntry]:
-        return [e for s, (_, e) in sorted(self.best.items()) if s not in self.covered]
+        out = [e for s, (_, e) in sorted(self.best.items()) if s not in self.covered]
+        need = self.min_files - self.taken - len(out)
+        if need > 0:
+            have = {e.source for e in out}
+            extra = [e for _, src, e in sorted(self.low, key=lambda t: (-t[0], t[1])) if src not in have]
+            out += extra[:need]
+        return out
 
 
 def sample_manifest(entries: list[ManifestEntry], n: int, seed: int) -> list[ManifestEntry]:
@@ -239,8 +268,7 @@ def _measure(dest: str, rec: ArchiveRecord, entry: ManifestEntry, cfg: QualityCo
 
     from .codec import metrics as M
     if codec is None:
-        codec = registry.load_for(rec.codec, weights)
-        archive.check_codec(rec.codec, codec, dest)
+        codec = archive.load_codec(dest, rec, weights)
     sr, cr = entry.sample_rate, codec.sample_rate
     n = entry.frames if cfg.excerpt_seconds <= 0 else min(entry.frames, int(cfg.excerpt_seconds * sr))
     s0 = (entry.frames - n) // 2
@@ -290,10 +318,26 @@ def _measure(dest: str, rec: ArchiveRecord, entry: ManifestEntry, cfg: QualityCo
         a = (mono_ref.size - k) // 2
         out["visqol"] = M.visqol(mono_ref[a:a + k], mono_deg[a:a + k], cr,
                                  mode="speech" if out["speech_like"] else "audio")
-    spec_ref, spec_deg = log_spectrogram(ref24, cr), log_spectrogram(deg24, cr)
+    # at the source rate, so bandwidth the codec loses shows (a 24 kHz codec keeps nothing above 12 kHz)
+    spec_ref, spec_deg = log_spectrogram(ref, sr), log_spectrogram(deg, sr)
     out["spec_ref"], out["spec_deg"] = spec_ref.tobytes(), spec_deg.tobytes()
     out["spec_shape"] = [list(spec_ref.shape), list(spec_deg.shape)]
+    out["spec_rate"] = sr
+    if cfg.listen_files > 0 and cfg.listen_seconds > 0:  # the same middle stretch of both, for the report's players
+        k = min(n, int(cfg.listen_seconds * sr))
+        a = (n - k) // 2
+        out["clip_ref"], out["clip_deg"] = listening_clip(ref[:, a:a + k], sr), listening_clip(deg[:, a:a + k], sr)
+        out["clip_s"] = k / sr
     return out
+
+
+def listening_clip(x: np.ndarray, rate: int) -> bytes:
+    """``x: [C, T]`` as a small Ogg Vorbis file (browsers play it; both players of a pair get the same
+    encoding, transparent next to a low-bitrate codec's own artefacts)."""
+    import soundfile as sf
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(x.T, -1.0, 1.0), rate, format="OGG", subtype="VORBIS")
+    return buf.getvalue()
 
 
 # -- results --------------------------------------------------------------------------------------
@@ -353,7 +397,7 @@ def write_table(dest: str, job_id: str, rows: list[dict], summary: dict) -> str:
                         ("bandwidth_ref_hz", pa.float64()), ("bandwidth_hz", pa.float64()),
                         ("lufs_ref", pa.float64()), ("error", pa.string())]
                        + [(k, pa.float64()) for k in NUMERIC])
-    table = pa.Table.from_pylist(records, schema=schema).replace_schema_metadata(archive._meta("quality"))
+    table = pa.Table.from_pylist(records, schema=schema).replace_schema_metadata(archive.layout.meta("quality"))
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     url = storage.join(dest, "quality", f"{job_id}.parquet")
@@ -361,16 +405,26 @@ def write_table(dest: str, job_id: str, rows: list[dict], summary: dict) -> str:
     return url
 
 
-def finish(dest: str, job_id: str, rows: list[dict], cfg: QualityConfig, context: dict) -> QualityResult:
-    """Summarize, apply gates, write the table and the HTML report into the archive."""
+REPORT_ONLY = ("spec_ref", "spec_deg", "spec_shape", "spec_rate", "clip_ref", "clip_deg", "clip_s")
+
+
+def finish(dest: str, job_id: str, rows: list[dict], cfg: QualityConfig, context: dict,
+           files_archived: int | None = None) -> QualityResult:
+    """Summarize, apply gates, write the table and the HTML report into the archive. ``files_archived``:
+    the population the sample was drawn from (the summary and the page say "N of M measured")."""
+    from datetime import datetime, timezone
+
     from .report import render_report
     summary, violations = summarize(rows, cfg.gates)
+    if files_archived is not None:
+        summary["files_archived"] = files_archived
     table = write_table(dest, job_id, rows, summary)
+    context = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "job": job_id, **context}
     html = render_report(rows, summary, violations, cfg, context)
     report = storage.join(dest, "quality", f"{job_id}.html")
     storage.write_bytes(report, html.encode())
-    for r in rows:  # spectrogram bytes are for the report only
-        for k in ("spec_ref", "spec_deg", "spec_shape"):
+    for r in rows:  # spectrogram and clip bytes are for the report only
+        for k in REPORT_ONLY:
             r.pop(k, None)
     return QualityResult(rows, summary, violations, table, report)
 
@@ -379,22 +433,28 @@ def finish(dest: str, job_id: str, rows: list[dict], cfg: QualityConfig, context
 def run_quality(dest: str, cfg: QualityConfig, sample: int | None = None, patterns: tuple[str, ...] = (),
                 address: str | None = None, weights: str | None = None) -> QualityResult:
     """``audioarc quality``: evaluate ``sample`` stratified files (or those matching ``patterns``) as Ray tasks."""
-    from .encode import init_ray
-    from .restore import open_archive, select
+    from .runtime import init_ray
+    from .select import select
     cfg.validate()
-    rec, entries = open_archive(dest)
+    rec, entries = archive.open_archive(dest)
     if patterns:
         chosen = select(entries, patterns)
     else:
         chosen = sample_manifest(list(entries.values()), sample if sample is not None else 20, cfg.seed)
     if not chosen:
         raise ConfigError(f"{dest}: no archived files to sample")
-    codec = registry.load_for(rec.codec, weights)
-    archive.check_codec(rec.codec, codec, dest)
+    archive.load_codec(dest, rec, weights)  # fail fast, before any worker starts
     init_ray(address)
     import ray
     task = ray.remote(num_cpus=1)(evaluate)
     rows = ray.get([task.remote(dest, rec, e, cfg, weights=weights) for e in chosen])
     job_id = f"quality-{archive.now().replace(':', '')}"
-    return finish(dest, job_id, rows, cfg, {"archive": dest, "codec": rec.codec.name,
-                                             "bitrate_kbps": rec.codec.kbps_per_channel, "files": len(entries)})
+    archived = [e for e in entries.values() if e.status == ARCHIVED]
+    secs = sum(e.duration_s for e in archived)
+    arc_bytes = sum(e.archive_bytes or 0 for e in archived)
+    return finish(dest, job_id, rows, cfg, {
+        "archive": dest, "codec": rec.codec.name, "checkpoint": rec.codec.checkpoint_hash,
+        "bitrate_kbps": rec.codec.kbps_per_channel,
+        "effective_kbps": round(arc_bytes * 8 / secs / 1000, 3) if secs else None,
+        "files": len(entries), "files_failed": len(entries) - len(archived)},
+        files_archived=len(archived))

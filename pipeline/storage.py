@@ -68,6 +68,24 @@ def storage_options(url: str) -> dict:
     return {}
 
 
+def delta_location(url: str) -> tuple[str, dict[str, str]]:
+    """``(table uri, storage options)`` for a Delta Lake table at ``url`` (deltalake / delta-rs): a local
+    path made absolute, or the object-store URL with the endpoint and credentials of the environment."""
+    if is_local(url):
+        return os.path.abspath(local_path(url)), {}
+    opts: dict[str, str] = {}
+    endpoint = s3_endpoint()
+    if endpoint:
+        opts["AWS_ENDPOINT_URL"] = endpoint
+        if endpoint.startswith("http://"):
+            opts["AWS_ALLOW_HTTP"] = "true"
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        if os.environ.get(k):
+            opts[k] = os.environ[k]
+    opts["AWS_REGION"] = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return url.replace("s3a://", "s3://", 1), opts
+
+
 def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return url_to_fs(url, **storage_options(url))
 
@@ -78,6 +96,11 @@ def is_local(url: str) -> bool:
 
 def local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
+
+
+def absolute(url: str) -> str:
+    """A local path made absolute (``file://`` kept as a plain path); URLs unchanged."""
+    return os.path.abspath(local_path(url)) if is_local(url) else url
 
 
 def join(url: str, *parts: str) -> str:
@@ -277,6 +300,7 @@ def write_bytes(url: str, data: bytes, exclusive: bool = False) -> None:
         d = os.path.dirname(path) or "."
         os.makedirs(d, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the modes any other file gets
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         if exclusive:
@@ -306,6 +330,17 @@ def write_bytes(url: str, data: bytes, exclusive: bool = False) -> None:
     if retry(lambda: fs.exists(path), f"checking {url}", url=url):
         raise FileExistsError(f"{url}: already exists")
     retry(lambda: fs.pipe_file(path, data), f"writing {url}", url=url)
+
+
+def _umask() -> int:
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+_UMASK: int | None = None
 
 
 def _conditional_unsupported(exc: BaseException) -> bool:
@@ -485,15 +520,25 @@ def _object_info(fs, url: str, info: dict) -> ObjectInfo:
     return ObjectInfo(_unstrip(fs, url, name), int(info.get("size") or 0), version)
 
 
+def _normalized(url: str) -> str:
+    """A comparable form of ``url``: local paths absolute and normalised, ``s3a://`` as ``s3://``."""
+    if is_local(url):
+        return os.path.normpath(os.path.abspath(local_path(url)))
+    scheme, rest = url.split("://", 1)
+    scheme = "s3" if scheme == "s3a" else scheme
+    return f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
+
+
 def relpath(root: str, uri: str) -> str:
-    """Path of ``uri`` relative to the source root ``root`` (its base name if root is the object)."""
-    r = local_path(root).rstrip("/")
-    u = local_path(uri)
+    """Path of ``uri`` relative to the source root ``root`` however either was typed (relative, absolute,
+    ``file://``, ``s3://``): its base name if root is the object itself; the full key (no leading slash) of an
+    input that is not under root (an input list's)."""
+    r, u = _normalized(root).rstrip("/"), _normalized(uri)
     if u == r:
         return posixpath.basename(u)
     if u.startswith(r + "/"):
         return u[len(r) + 1:]
-    return u.split("://", 1)[-1].lstrip("/")  # not under SRC (an input list): its full key
+    return u.split("://", 1)[-1].lstrip("/")
 
 
 @contextlib.contextmanager

@@ -46,11 +46,9 @@ def submit(c: LoopbackCluster, src: Path, dest: Path, *extra: str, wait: bool = 
 
 
 def manifest_rows(dest: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-    rows = []
-    for f in sorted(dest.glob("manifest/**/*.parquet")):
-        rows += pq.read_table(f).to_pylist()
-    return rows
+    """Every committed catalog row (not merged)."""
+    from pipeline.archive import catalog
+    return catalog.table(str(dest)).to_pylist()
 
 
 def latest_report(dest: Path) -> dict:
@@ -76,7 +74,8 @@ def test_worker_node_killed_mid_job_every_input_once(cluster, tmp_path):
     src, dest = corpus(tmp_path / "src", 10), tmp_path / "arc"
     p = submit(cluster, src, dest, "--actors", "2", wait=False)
     t = time.time()
-    while not (dest / "manifest").exists() and time.time() - t < 300 and p.poll() is None:
+    while not (dest / "catalog/_delta_log/00000000000000000001.json").exists() and time.time() - t < 300 \
+            and p.poll() is None:
         time.sleep(0.5)  # first generation committed: the job is mid-way
     assert p.poll() is None, "the job ended before the first generation was committed"
     killed = cluster.kill_node(cluster.worker_ips[0])

@@ -1,4 +1,4 @@
-"""Archive byte format: code packing, row-group locations, version and codec checks."""
+"""Archive byte format: code packing, row checksums, row-group locations, catalog, version and weights checks."""
 from __future__ import annotations
 
 import json
@@ -52,18 +52,157 @@ def test_file_codes_come_from_their_own_row_groups(tmp_path):
         np.testing.assert_array_equal(c, want)
 
 
-def test_parquet_files_carry_format_and_version(tmp_path):
+def _shard(tmp_path, fids=(7,), windows=4):
+    url = str(tmp_path / "shards/g000001/part-00000.parquet")
+    w = archive.ShardWriter(url, CODEC, row_group_bytes=300)
+    rng = np.random.default_rng(2)
+    for fid in fids:
+        for seq in range(windows):
+            w.add({"file_id": fid, "seq": seq, "frame_start": seq * 20, "n_frames": 20, "channels": 1, "n_q": 8,
+                   "codes": archive.pack_codes(rng.integers(0, 1024, size=(1, 8, 20)), 10)})
+    w.close()
+    entries = {fid: ManifestEntry(source=f"/src/{fid}.wav", relpath=f"{fid}.wav", file_id=fid, size=1,
+                                  content_hash="h", status=ARCHIVED, n_windows=windows,
+                                  locations=tuple(Location("shards/g000001/part-00000.parquet", g, w.bytes, w.sha256)
+                                                  for g in w.where[fid])) for fid in fids}
+    return url, w, entries
+
+
+def test_shard_writer_records_what_it_wrote(tmp_path):
+    import hashlib
+
     import pyarrow.parquet as pq
-    url = str(tmp_path / "m.parquet")
-    archive.write_manifest(url, [ManifestEntry(source="a", relpath="a", file_id=1, size=3, content_hash="h",
-                                               status=ARCHIVED)])
+    url, w, _ = _shard(tmp_path)
+    data = open(url, "rb").read()
+    assert (w.bytes, w.sha256) == (len(data), hashlib.sha256(data).hexdigest())
     md = pq.read_schema(url).metadata
-    assert md[b"audioarc.format"] == b"audioarc"
-    assert md[b"audioarc.format_version"].startswith(b"1.")
-    assert archive.read_manifest_file(url)[0].source == "a"
+    assert md[b"audioarc.format"] == b"audioarc" and md[b"audioarc.format_version"] == b"2.0"
+    t = pq.read_table(url)
+    for r in t.to_pylist():  # every row carries the CRC-32C of its identity and payload
+        assert r["crc32c"] == archive.row_checksum(r["file_id"], r["seq"], r["frame_start"], r["n_frames"],
+                                                   r["channels"], r["n_q"], r["codes"], r["gains"])
 
 
-@pytest.mark.parametrize("version,ok", [("1.0", True), ("1.7", True), ("2.0", False), ("0.9", False)])
+def test_row_checksum_covers_identity_and_payload():
+    base = (1, 0, 0, 20, 1, 8, b"abc", None)
+    c = archive.row_checksum(*base)
+    for i, other in enumerate((2, 1, 20, 21, 2, 7, b"abd", b"g")):
+        changed = list(base)
+        changed[i] = other
+        assert archive.row_checksum(*changed) != c, i
+
+
+@pytest.mark.parametrize("where", ["codes", "footer", "truncate"])
+def test_damaged_shard_is_an_error_naming_file_and_shard_never_audio(tmp_path, where):
+    from pipeline.errors import IntegrityError
+    url, w, entries = _shard(tmp_path, fids=(7, 8))
+    data = bytearray(open(url, "rb").read())
+    if where == "codes":  # a byte in the middle of the first row group's codes
+        data[len(data) // 4] ^= 0x40
+    elif where == "footer":
+        data[-20] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    open(url, "wb").write(bytes(data))
+    with pytest.raises(IntegrityError) as e:
+        list(archive.read_file_windows(str(tmp_path), entries[7], CODEC))
+    assert "7.wav" in str(e.value) and "shards/g000001/part-00000.parquet" in str(e.value)
+
+
+def test_a_row_moved_between_files_fails_its_checksum(tmp_path):
+    """A crafted shard whose row claims another file id than it was written for."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.errors import IntegrityError
+    url, w, entries = _shard(tmp_path, fids=(7,), windows=1)
+    t = pq.read_table(url)
+    t = t.set_column(0, "file_id", pa.array([9], pa.int64()))
+    pq.write_table(t, url)
+    e = ManifestEntry(**{**entries[7].__dict__, "file_id": 9, "locations": tuple(
+        Location(loc.shard, loc.row_group) for loc in entries[7].locations)})
+    with pytest.raises(IntegrityError, match="checksum"):
+        list(archive.read_file_windows(str(tmp_path), e, CODEC))
+
+
+def test_catalog_appends_and_the_newest_archived_row_wins(tmp_path):
+    from pipeline.archive import catalog
+    dest = str(tmp_path)
+    catalog.create(dest)
+    catalog.create(dest)  # a second creator finds it there
+    a1 = ManifestEntry(source="/s/a", relpath="a", file_id=1, size=1, content_hash="h1", status=ARCHIVED, generation=1)
+    b1 = ManifestEntry(source="/s/b", relpath="b", file_id=2, size=1, content_hash="x", status="failed", generation=1)
+    catalog.append(dest, [a1, b1], 1, "job1")
+    a3 = ManifestEntry(source="/s/a", relpath="a", file_id=1, size=1, content_hash="h3", status=ARCHIVED, generation=3)
+    catalog.append(dest, [a3], 3, "job2")
+    a2 = ManifestEntry(source="/s/a", relpath="a", file_id=1, size=1, content_hash="h2", status="failed", generation=4)
+    b2 = ManifestEntry(source="/s/b", relpath="b", file_id=2, size=1, content_hash="y", status="failed", generation=2)
+    catalog.append(dest, [a2, b2], 4, "job3")
+    got = {e.source: e for e in catalog.entries(catalog.latest(catalog.table(dest)))}
+    assert got["/s/a"].content_hash == "h3"  # a later failed attempt never hides archived audio
+    assert got["/s/b"].content_hash == "y"  # without an archived row: the newest
+    assert catalog.generations(dest) == (1, 2, 3, 4)
+
+
+def test_generation_numbers_are_never_shared(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.archive import commit
+    with ThreadPoolExecutor(8) as ex:
+        got = list(ex.map(lambda i: commit.claim_generation(str(tmp_path), f"job{i}", 0), range(24)))
+    assert sorted(got) == list(range(1, 25))
+
+
+def test_garbage_spares_a_live_job_and_takes_a_dead_ones(tmp_path):
+    import json as _json
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.archive import commit, layout
+    dest = str(tmp_path)
+    live = commit.Lease(dest, "live-job")
+    g_live = commit.claim_generation(dest, "live-job", 0)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    g_dead = commit.claim_generation(dest, "dead-job", g_live)
+    (tmp_path / layout.LEASES_DIR / "dead-job.json").write_text(_json.dumps(
+        {"job_id": "dead-job", "host": os.uname().nodename, "pid": int(dead.stdout), "heartbeat": 1e12}))
+    g_done = commit.claim_generation(dest, "done-job", g_dead)
+    g_committed = commit.claim_generation(dest, "dead-job", g_done)
+    for g in (g_live, g_dead, g_done, g_committed):
+        p = tmp_path / layout.shard_relpath(g, 0)
+        p.parent.mkdir(parents=True)
+        p.write_bytes(b"x")
+    removed = commit.collect(dest, lambda: {g_committed})
+    left = sorted(layout.gen_of(p.name) for p in (tmp_path / "shards").iterdir())
+    assert left == [g_live, g_committed]
+    assert not (tmp_path / layout.LEASES_DIR / "dead-job.json").exists() and len(removed) == 3
+    live.release()
+    assert not (tmp_path / layout.LEASES_DIR / "live-job.json").exists()
+
+
+def test_weights_round_trip_and_are_hash_checked(tmp_path):
+    from pipeline.archive import weights
+    from pipeline.codec import registry
+    from pipeline.errors import IntegrityError
+    codec = registry.load("mdct_rvq")
+    ref = weights.embed(str(tmp_path), codec)
+    assert ref.path == f"weights/{codec.checkpoint_hash()}.safetensors"
+    data = (tmp_path / ref.path).read_bytes()
+    back = weights.from_bytes(data, "mdct_rvq", codec.checkpoint_hash(), "w")
+    assert back.checkpoint_hash() == codec.checkpoint_hash()
+    with pytest.raises(IntegrityError):
+        weights.from_bytes(data, "mdct_rvq", "0" * 16, "w")
+    bad = bytearray(data)
+    bad[-100] ^= 1
+    with pytest.raises(IntegrityError):  # the archive record's sha256 catches it before anything loads
+        rec = archive.ArchiveRecord("audioarc", "2.0", codec.record(8), (), "", "", ref)
+        (tmp_path / ref.path).write_bytes(bytes(bad))
+        weights.load_codec(str(tmp_path), rec)
+
+
+@pytest.mark.parametrize("version,ok", [("1.0", True), ("1.7", True), ("2.0", True), ("2.3", True), ("3.0", False),
+                                        ("0.9", False)])
 def test_readers_reject_unknown_major_versions(version, ok):
     if ok:
         archive.check_version("audioarc", version, "x")

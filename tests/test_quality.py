@@ -100,6 +100,26 @@ def test_streaming_sampler_does_not_depend_on_order():
     assert {quality.stratum(e) for e in es if e.source in chosen} == strata
 
 
+def test_streaming_sampler_measures_small_jobs_whole():
+    """The default 2 % of a 24-file job is 0-1 files: a minimum of 20 (all of a smaller job) comes first."""
+    def run(es, order, **kw):
+        s = quality.StreamingSampler(0.02, seed=0, **kw)
+        return sorted([e.source for e in order if s.offer(e)] + [e.source for e in s.leftovers()])
+
+    from dataclasses import replace
+    small = [replace(e, relpath=f"f{i}.wav", duration_s=30, sample_rate=44100, channels=2)  # one stratum
+             for i, e in enumerate(e for e in entries(30) if e.status == ARCHIVED)][:24]
+    assert len(run(small, small)) <= 2  # the fraction alone: what the report showed before
+    assert len(run(small, small, min_files=20)) == 20
+    assert len(run(small[:12], small[:12], min_files=20)) == 12  # a smaller job: every file
+    big = entries(400)
+    shuffled = big[:]
+    random.Random(2).shuffle(shuffled)
+    chosen = run(big, big, min_files=20)
+    assert chosen == run(big, shuffled, min_files=20) and len(chosen) >= 20  # still order-independent
+    assert len(set(chosen)) == len(chosen)
+
+
 def test_gate_parsing():
     gates = quality.parse_gates("mel<=1.2, stoi>=0.7")
     assert [str(g) for g in gates] == ["mel<=1.2", "stoi>=0.7"]
@@ -118,8 +138,8 @@ def sampled_archive(tmp_path_factory, ray_cluster):
         af.write(src / f"music/m{i}.wav", 2.0, 44100, 1, kind="chirp", seed=i)
     af.write(src / "speech/s0.flac", 2.0, 16000, 2, kind="sine")
     dest = root / "arc"
-    code = main(["encode", str(src), str(dest), "--quality-sample", "0.5", "--no-visqol", "--excerpt-seconds", "1.5",
-                 "--window-seconds", "1"])
+    code = main(["encode", str(src), str(dest), "--quality-sample", "0.02", "--no-visqol", "--excerpt-seconds", "1.5",
+                 "--window-seconds", "1", "--min-quality", "mel<=20"])
     return src, dest, code
 
 
@@ -131,7 +151,8 @@ def test_encode_samples_beside_the_job_and_reports(sampled_archive):
     assert code == EXIT_OK
     report = json.loads(next((dest / "reports").glob("encode-*.json")).read_text())
     q = report["quality"]
-    assert q["summary"]["files_sampled"] >= 2  # one per stratum at least: music/44.1k/mono, speech/16k/stereo
+    # 2 % of 5 files would be none or one: the minimum sample (20) takes every file of a job this small
+    assert q["summary"]["files_sampled"] == q["summary"]["files_archived"] == 5
     assert q["summary"]["files_bad_pairs"] == 0
     assert "mel" in q["summary"] and "compression_ratio" in q["summary"]
     t = pq.read_table(q["table"]).to_pylist()
@@ -178,6 +199,35 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def test_report_page_tells_the_operator_what_they_need(sampled_archive):
+    """Job facts, the verdict against the floors, a guide to the numbers, and excerpt players whose
+    sources are real audio (original and restored, at the original's rate), worst files first."""
+    import base64
+    import io
+    import json
+    import re
+
+    import soundfile as sf
+    _, dest, _ = sampled_archive
+    rep = json.loads(next((dest / "reports").glob("encode-*.json")).read_text())
+    page = Path(rep["quality"]["report"]).read_text()
+    for section in ("id='job'", "id='sample'", "id='gates'", "id='summary'", "id='guide'", "id='listen'",
+                    "id='files'", "id='spectrograms'"):
+        assert section in page, section
+    assert rep["job_id"] in page and "checkpoint hash" in page and "effective bitrate" in page
+    assert "Measured <b>5 of 5 archived files</b>" in page
+    assert "PASSED" in page and "mel&lt;=20" in page
+    assert "0.9 excellent" in page and "below 0.05 good" in page  # STOI and tones bands
+    players = re.findall(r"<audio [^>]*data-kind='(original|restored)' src='data:audio/ogg;base64,([^']+)'", page)
+    assert [k for k, _ in players] == ["original", "restored"] * 5
+    rates = []
+    for _, b64 in players:
+        x, rate = sf.read(io.BytesIO(base64.b64decode(b64)))
+        assert 1.0 <= len(x) / rate <= 1.6 and np.abs(x).max() > 0.01  # the 1.5 s excerpt, not silence
+        rates.append(rate)
+    assert set(rates) == {44100, 16000}  # at each original's rate
+
+
 @pytest.mark.skipif(_chromium() is None, reason="Debian's chromium is not installed (.ci/setup installs it)")
 def test_report_renders_in_headless_chromium(sampled_archive, tmp_path):
     import json
@@ -193,9 +243,11 @@ def test_report_renders_in_headless_chromium(sampled_archive, tmp_path):
     for table in ("id=\"summary\"", "id=\"files\""):
         assert table in dom
     assert dom.count("<img") >= 4 and "data:image/png;base64," in dom
+    assert dom.count("<audio") == 10 and "data:audio/ogg;base64," in dom  # the players are in the live page
     shot = tmp_path / "shot.png"
-    subprocess.run([_chromium(), *flags, "--window-size=1200,1600", f"--screenshot={shot}", f"file://{report}"],
+    subprocess.run([_chromium(), *flags, "--window-size=1200,4000", f"--screenshot={shot}", f"file://{report}"],
                    capture_output=True, timeout=120)
+    print(f"quality report screenshot: {shot}")
     img = matplotlib.image.imread(str(shot))[..., :3]
     # the histograms' bars (#44aa77) are on screen: the inline images decoded and rendered
     green = np.all(np.abs(img - np.array([0x44, 0xAA, 0x77]) / 255) < 0.06, axis=-1)

@@ -24,13 +24,15 @@ def _cfg(src, dest, **kw):
 
 
 def _committed_rows(dest):
-    """Every manifest row of every committed generation (not merged)."""
-    from pipeline import archive, storage
-    rec = archive.require_record(dest)
-    rows = []
-    for g in rec.generations:
-        rows += archive.read_manifest_file(storage.join(dest, archive.manifest_relpath(g)))
-    return rows
+    """Every catalog row of every committed generation (not merged)."""
+    from pipeline.archive import catalog
+    return list(catalog.entries(catalog.table(dest)))
+
+
+def _first_commit(dest):
+    """The catalog's first commit after its creation (Delta log version 1)."""
+    from pipeline import storage
+    return storage.join(dest, "catalog/_delta_log/00000000000000000001.json")
 
 
 def _assert_each_archived_once(dest, sources):
@@ -40,8 +42,11 @@ def _assert_each_archived_once(dest, sources):
     assert set(archived) == set(sources), (set(sources) - set(archived), set(archived) - set(sources))
     assert all(n == 1 for n in archived.values()), {k: n for k, n in archived.items() if n != 1}
     # nothing uncommitted left behind
-    from pipeline import archive
-    assert archive.garbage(dest, archive.require_record(dest)) == []
+    from pipeline.archive import catalog, commit
+    assert commit.garbage(dest, set(catalog.generations(dest))) == []
+    from pipeline.verify import run_verify
+    rep = run_verify(dest, deep=True)
+    assert rep.ok, rep.damaged
 
 
 @pytest.fixture(scope="session")
@@ -144,7 +149,7 @@ def test_s3_encode_and_restore(ray_s3, corpus, s3_prefix, tmp_path):
     from pipeline import storage
     assert len(storage.list_dir(f"{s3_prefix}/arc/shards/g000001")) > 1
     assert storage.list_dir(f"{s3_prefix}/arc/_staging") == []
-    out = run_restore(RestoreConfig(dest=f"{s3_prefix}/arc", out=str(tmp_path / "out"), format="wav"))
+    out = run_restore(RestoreConfig(dest=f"{s3_prefix}/arc", out=str(tmp_path / "out"), format="wav")).restored
     assert len(out) == 5
     for r in out:
         a, b = sf.info(files[r["source"]]), sf.info(r["path"])
@@ -169,7 +174,7 @@ def test_resume_after_killed_job(ray_s3, devs3, s3_prefix, tmp_path):
                              "--commit-every", "2", "--actors", "1", "--address", addr],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    first = storage.join(dest, archive.manifest_relpath(1))
+    first = _first_commit(dest)
     deadline = time.time() + 120
     try:
         while time.time() < deadline and proc.poll() is None and not storage.exists(first):
@@ -180,8 +185,9 @@ def test_resume_after_killed_job(ray_s3, devs3, s3_prefix, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     rec = archive.read_record(dest)
-    assert rec is not None and len(rec.generations) >= 1, "the killed job committed nothing"
-    killed_mid_run = len(rec.generations) < 5
+    gens = archive.Archive(dest, rec).generations() if rec is not None else ()
+    assert len(gens) >= 1, "the killed job committed nothing"
+    killed_mid_run = len(gens) < 5
     s = run_encode(_cfg(src, dest))
     assert s.files_failed == 0 and s.files_total == 10
     if killed_mid_run:
@@ -206,7 +212,7 @@ def test_server_restart_mid_encode(ray_s3, devs3, s3_prefix, tmp_path):
 
     t = threading.Thread(target=job)
     t.start()
-    first = storage.join(dest, archive.manifest_relpath(1))
+    first = _first_commit(dest)
     deadline = time.time() + 120
     while time.time() < deadline and t.is_alive() and not storage.exists(first):
         time.sleep(0.2)
@@ -307,3 +313,50 @@ def test_one_file_reads_only_its_row_groups(devs3, s3_prefix, monkeypatch):
     assert [fs for fs, _ in got] == [0, 5000]
     assert all((c == truth[(fid, i)]).all() for i, (_, c) in enumerate(got))
     assert sum(fetched) < shard_bytes / 4, (sum(fetched), shard_bytes, fetched)
+
+
+def test_concurrent_jobs_on_one_s3_archive_both_commit(ray_s3, s3_prefix, tmp_path):
+    """Two encode jobs at once on one S3 DEST (two input lists over one SRC, overlapping): both commit, generation
+    numbers never collide (conditional PUTs), and every committed file verifies and restores."""
+    from pipeline import storage
+    from pipeline.encode import run_encode
+    from pipeline.restore import RestoreConfig, run_restore
+    paths = write_tones(str(tmp_path / "src"), 8, seconds=1.0)
+    src, dest = f"{s3_prefix}/src", f"{s3_prefix}/arc"
+    upload_tree(str(tmp_path / "src"), src)
+    uris = sorted(f"{src}/{os.path.relpath(p, tmp_path / 'src')}" for p in paths)
+    lists = []
+    for k, part in enumerate((uris[:5], uris[3:])):
+        url = f"{s3_prefix}/list{k}.txt"
+        storage.write_bytes(url, "".join(u + "\n" for u in part).encode())
+        lists.append(url)
+    results: list = [None, None]
+
+    def job(k):
+        try:
+            results[k] = run_encode(_cfg(src, dest, input_list=lists[k]))
+        except Exception as e:  # noqa: BLE001 - asserted below
+            results[k] = e
+
+    threads = [threading.Thread(target=job, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    for r in results:
+        assert not isinstance(r, Exception), r
+        assert r.files_failed == 0 and r.files_archived == 5
+    _assert_each_archived_overall(dest, set(uris))
+    out = run_restore(RestoreConfig(dest=dest, out=str(tmp_path / "out"), format="wav"))
+    assert len(out.restored) == 8 and not out.refused
+
+
+def _assert_each_archived_overall(dest, sources):
+    from pipeline.archive import catalog, commit
+    from pipeline.verify import run_verify
+    latest = {e.source: e for e in catalog.entries(catalog.latest(catalog.table(dest)))}
+    assert set(latest) == sources and all(e.status == "archived" for e in latest.values())
+    gens = [e.generation for e in _committed_rows(dest)]
+    assert commit.garbage(dest, set(gens)) == []
+    rep = run_verify(dest, deep=True)
+    assert rep.ok and rep.files_checked == len(sources), rep.damaged

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import CodecUnavailableError
-from . import packing
-from .base import Codec
+
+if TYPE_CHECKING:  # torch (and the codec modules) are imported when a codec is loaded, not for names/specs
+    from .base import Codec
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -27,7 +26,7 @@ class CodecSpec:
     default_weights: Path | None
     needs_weights: bool = False  # no shipped weights: --codec-weights PATH is required
     weights_hint: str = ""  # where the user gets the checkpoint (shown when it is missing)
-    #: checkpoints shipped by earlier releases, so their archives still restore without --codec-weights
+    #: other checkpoints installed with the package that archives may name by hash (none ship today)
     previous_weights: tuple[Path, ...] = ()
 
 
@@ -51,10 +50,11 @@ def register(spec: CodecSpec) -> None:
 register(CodecSpec("mdct_rvq", "MDCT frames + residual k-means codebooks learned from real audio (fast)",
                    _mdct_rvq, WEIGHTS_DIR / "mdct_rvq.pt"))
 
+# Only the current release ships: an archive carries the exact weights it was made with (archive/weights.py).
+# Earlier releases live in the repository's deploy/weights/ for archives made before archives carried them
+# (`audioarc adopt-weights DEST deploy/weights/neural_rvq-<hash>.pt`).
 register(CodecSpec("neural_rvq", "MDCT-domain conv autoencoder + 32-stage RVQ, trained (1.5-24 kbps)",
-                   _neural_rvq, WEIGHTS_DIR / "neural_rvq.pt",
-                   previous_weights=tuple(WEIGHTS_DIR / f"neural_rvq-{h}.pt" for h in
-                                          ("dea6bc98", "3bc8f5ac", "172a476e", "9575b629", "12874cf9"))))
+                   _neural_rvq, WEIGHTS_DIR / "neural_rvq.pt"))
 
 
 def _encodec_24khz() -> Codec:
@@ -115,6 +115,9 @@ def load(name: str, weights: str | Path | None = None, device: str = "cpu") -> C
 
 
 def _read_state(name: str, path: Path) -> dict:
+    import torch
+
+    from . import packing
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - not a checkpoint (or not a torch one)
@@ -156,6 +159,7 @@ def make_delta(full: Path, base: Path, out: Path, name: str = "neural_rvq") -> P
     """Write ``out``: the weights ``full`` as the tensors that differ from ``base`` (matched by its checkpoint hash
     at load, so renaming ``base`` keeps it working), the keys ``base`` has and ``full`` lacks, and ``full``'s
     checkpoint hash, which loading checks."""
+    import torch
     f, b = read_weights(full, name), read_weights(base, name)  # (either may be a delta file: rebuilt)
     fm, bm = f.get("model", f), b.get("model", b)
     delta = {k: v for k, v in fm.items() if k not in bm or bm[k].dtype != v.dtype or not torch.equal(bm[k], v)}
