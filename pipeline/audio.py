@@ -11,6 +11,10 @@ import soxr
 
 from .errors import InputError
 
+#: file name endings audioarc reads as audio (listing SRC, input lists, training corpora)
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".w64", ".rf64",
+                    ".caf", ".opus")
+
 _SHORT_DATA = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.M)
 
 

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au", ".opus")
+from .audio import AUDIO_EXTENSIONS  # noqa: E402,F401 - one list for every reader
 
 #: package -> kind of content
 PACKAGES: dict[str, str] = {

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from . import archive, audio, metrics, placement, storage
+from .audio import AUDIO_EXTENSIONS
 from . import quality as quality_mod
 from .codec import registry
 from .codec.windows import CodecGeometry, Windower
@@ -22,8 +23,6 @@ from .runtime import init_ray
 from .manifest import ARCHIVED, FAILED, ArchiveRecord, CodecRecord, Location, ManifestEntry
 from .quality import QualityConfig, StreamingSampler
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".w64", ".rf64",
-                    ".caf", ".opus")
 
 
 @dataclass(frozen=True)
