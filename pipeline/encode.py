@@ -514,10 +514,23 @@ class _Runtime:
             c = self.cfg
             self.plan = placement.plan_actors(ray.cluster_resources(), c.actors, c.gpus_per_actor, c.min_actors,
                                               c.max_actors, c.windows_per_batch(), c.precision)
-            self.progress = ray.remote(num_cpus=0)(Progress).remote()
+            # beside the driver (its node outlives the job's other nodes); soft: any node if that one is full
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+            self.progress = ray.remote(num_cpus=0, scheduling_strategy=here)(Progress).remote()
             self.q_task = ray.remote(num_cpus=0.5)(quality_mod.evaluate) if self.q else None
             self.ray = ray
         return self.ray
+
+    def ask(self, method: str, default):
+        """A progress figure from the progress actor; ``default`` if it is gone (progress is only shown, never
+        what the job commits: a lost node must not fail the job)."""
+        if self.ray is None:
+            return default
+        try:
+            return self.ray.get(getattr(self.progress, method).remote(), timeout=30)
+        except Exception:  # noqa: BLE001
+            return default
 
 
 def _plan_wave(cfg: EncodeConfig, current: "archive.Archive", wave: list
@@ -702,12 +715,12 @@ def _encode_waves(cfg, job_id, dm, on_progress, t0, inputs, record, crec, n_q, g
     def report() -> None:
         if not (on_progress or dm is not None):
             return
-        f, s = tuple(rt.ray.get(rt.progress.get.remote())) if rt.ray else (0, 0.0)
+        f, s = tuple(rt.ask("get", (0, 0.0)))
         f, s = f + counts["unchanged"], s + counts["unchanged_s"]
         if on_progress:
             on_progress(f, counts["files"], s)
         if dm is not None:
-            dm.progress(f, counts["files"], s, rt.ray.get(rt.progress.actors.remote()) if rt.ray else {})
+            dm.progress(f, counts["files"], s, rt.ask("actors", {}))
 
     def planned():  # inputs to decode; unchanged ones are accounted as they are seen
         for wave in _batches(inputs, LOOKUP_BATCH):
@@ -805,7 +818,7 @@ def _encode_waves(cfg, job_id, dm, on_progress, t0, inputs, record, crec, n_q, g
                 files_archived=totals.archived - totals.skipped)  # the files this run encoded: the sample's population
     summary = summarize(cfg, crec, totals, time.time() - t0)
     if rt.ray is not None:
-        summary.placement = dict(rt.plan.to_json(), nodes=rt.ray.get(rt.progress.by_node.remote()))
+        summary.placement = dict(rt.plan.to_json(), nodes=rt.ask("by_node", {}))
     if quality_result is not None:
         if dm is not None:
             dm.quality(quality_result.summary)
