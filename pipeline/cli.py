@@ -325,6 +325,22 @@ def cmd_monitor(args) -> int:
         return EXIT_ERROR
 
 
+def cmd_tune(args) -> int:
+    from .tune import TuneConfig, format_table, run_tune
+    cfg = TuneConfig(src=args.src, minutes=args.minutes, base=args.base, base_weights=args.base_weights,
+                     out=args.out, heldout_fraction=args.heldout_fraction, max_files=args.max_files, seed=args.seed,
+                     eval_seconds=args.eval_seconds, visqol=args.visqol, workers=args.workers, threads=args.threads,
+                     ray=False if args.no_ray else None, cpu=args.cpu, force=args.force, work_dir=args.work_dir,
+                     keep_work=args.keep_work, steps=args.steps, batch=args.batch, lr=args.lr,
+                     seg_frames=args.seg_frames, val_segments=args.val_segments, ckpt_every=args.ckpt_every)
+    report = run_tune(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    if args.json:
+        _print_json(report)
+    else:
+        _say(format_table(report))
+    return EXIT_OK
+
+
 JOB_COMMANDS = {"train": "jobs.train_codec", "codec-eval": "jobs.codec_eval"}
 
 
@@ -487,6 +503,35 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--workdir", help="Prometheus config and TSDB (default ~/.cache/audioarc/monitor)")
     m.add_argument("--once", action="store_true", help="start, show the targets it scrapes, stop (a check)")
     m.set_defaults(fn=cmd_monitor)
+
+    tu = sub.add_parser("tune", help="fine-tune neural_rvq on a library's own audio; keep it only if better on "
+                        "the library's held-out files")
+    tu.add_argument("src", help="folder or URL prefix (s3://...) of the library's audio")
+    tu.add_argument("--minutes", type=float, required=True, help="training wall time (the fine-tune's budget)")
+    tu.add_argument("--base", default="neural_rvq", help="codec to fine-tune (neural_rvq)")
+    tu.add_argument("--base-weights", help="weights to start from (default: the shipped release)")
+    tu.add_argument("--out", help="tuned weights file (default ./tuned-<checkpoint hash>.pt); its report: "
+                    "the same name with .json")
+    tu.add_argument("--heldout-fraction", type=float, default=0.2, help="share of the sample held out (by a "
+                    "hash of the relative path) to score base vs tuned; never trained on")
+    tu.add_argument("--max-files", type=int, default=200, help="files to sample (stratified by folder and size)")
+    tu.add_argument("--eval-seconds", type=float, default=10.0, help="excerpt of each held-out file scored")
+    tu.add_argument("--visqol", action="store_true", help="also score ViSQOL (slow; needs visqol-python)")
+    tu.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers (one: in-process)")
+    tu.add_argument("--threads", type=int, default=1, help="torch threads (per worker)")
+    tu.add_argument("--no-ray", action="store_true", help=argparse.SUPPRESS)
+    tu.add_argument("--cpu", action="store_true", help="train and score on the CPU even with a GPU")
+    tu.add_argument("--seed", type=int, default=0)
+    tu.add_argument("--force", action="store_true", help="write the tuned weights even when they are not better")
+    tu.add_argument("--work-dir", help=argparse.SUPPRESS)
+    tu.add_argument("--keep-work", action="store_true", help=argparse.SUPPRESS)
+    for opt, typ in (("--steps", int), ("--batch", int), ("--lr", float), ("--seg-frames", int),
+                     ("--val-segments", int), ("--ckpt-every", int)):  # advanced: passed to jobs/train_codec.py
+        tu.add_argument(opt, type=typ, default=None, help=argparse.SUPPRESS)
+    tu.add_argument("--s3-endpoint", metavar="URL",
+                    help="S3-compatible endpoint for s3:// URLs (default: AWS_ENDPOINT_URL, else AWS)")
+    tu.add_argument("--json", action="store_true")
+    tu.set_defaults(fn=cmd_tune)
 
     # listed for --help; main() hands their arguments to the job entrypoints untouched
     sub.add_parser("train", help="train the neural codec (jobs/train_codec.py; `audioarc train --help`)")
