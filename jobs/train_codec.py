@@ -15,7 +15,9 @@ step, wall time, the run's settings) go to ``RUN_DIR/ckpt.pt`` every ``--ckpt-ev
 continues from there with the checkpoint's settings (loss weights, rung decoder, data mix, ...), changing only
 the options given again on the command line (the shape of what is trained cannot change on resume).
 The best model so far (multi-scale mel loss at 6 kbps on a fixed set of training segments) is written to
-``--out`` as ``{"model": state_dict}``.
+``--out`` as ``{"model": state_dict}``. A fine-tune (``--init-from WEIGHTS``) scores the fixed segments at every
+rung of the ladder in turn (mean mel loss) and starts with WEIGHTS themselves as the best model, so ``--out`` is
+never worse than them on those segments.
 
 ``--rung-decoder K --init-from WEIGHTS`` trains only a dedicated decoder for exactly K stages (see
 ``pipeline/codec/neural.py``), started as a copy of the shared decoder; the encoder and codebooks are
@@ -330,7 +332,13 @@ def train_loop(config: dict) -> None:
         f"decode_context {codec.decode_context}, device {device}, threads {torch.get_num_threads()}, "
         f"workers {dp.world} (batch {config['batch']} each)")
     val = sampler.validation_batch(config["val_segments"], config["seed"]).to(device)  # same after --resume
-    val_nq = torch.full((len(val),), min(8, codec.n_q))
+    fine_tune = bool(config.get("init_from")) and not rung and not resuming
+    if fine_tune:  # every rung scored: a fine-tune must not buy one rung with another
+        ladder = list(codec.ladder_n_q)
+        val_nq = torch.tensor([ladder[i % len(ladder)] for i in range(len(val))])
+    else:
+        val_nq = torch.full((len(val),), min(8, codec.n_q))
+    val_key = "val_loss_rung" if rung else ("val_mel_rungs" if fine_tune else "val_mel_6kbps")
     rng = random.Random(data_seed + step)
     t_start = time.time() - elapsed
     out_path = Path(config["out"])
@@ -355,6 +363,22 @@ def train_loop(config: dict) -> None:
 
     def phase_elapsed():
         return time.time() - (phase_start if phase_start is not None else t_start)
+
+    def validate() -> float:
+        codec.eval()
+        with torch.no_grad():
+            if rung:  # the training objective at that rung
+                _, vlogs = forward_rung_decoder(codec, val, rung, **loss_weights)
+                return vlogs["loss"]
+            _, vlogs = forward_train(codec, vq if vq.initialized else None, val, val_nq)
+            return vlogs["mel"]
+
+    if fine_tune and dp.main:
+        # the released weights are the first candidate: the best model written is never worse than them on the
+        # validation segments (a fine-tune that only hurts leaves the base at --out)
+        best = validate()
+        save_weights(out_path)
+        log({"step": step, val_key: round(best, 4), "best": round(best, 4), "saved": True, "base": True})
 
     while step - step0 < config["steps"] and dp.decide(phase_elapsed() < max_s, device):
         progress = max((step - step0) / config["steps"], phase_elapsed() / max_s)
@@ -402,20 +426,13 @@ def train_loop(config: dict) -> None:
             log(rec)
             logs_acc = {}
         if (step % config["ckpt_every"] == 0 or step - step0 >= config["steps"]) and dp.main:
-            codec.eval()
-            with torch.no_grad():
-                if rung:  # the training objective at that rung
-                    _, vlogs = forward_rung_decoder(codec, val, rung, **loss_weights)
-                    vmel = vlogs["loss"]
-                else:
-                    _, vlogs = forward_train(codec, vq if vq.initialized else None, val, val_nq)
-                    vmel = vlogs["mel"]
+            vmel = validate()
             improved = vq.initialized and vmel < best
             if improved:
                 best = vmel
                 save_weights(out_path)
             save_ckpt()
-            log({"step": step, ("val_loss_rung" if rung else "val_mel_6kbps"): round(vmel, 4),
+            log({"step": step, val_key: round(vmel, 4),
                  "best": round(best, 4), "saved": improved})
         if ray_ctx is not None and step % config["ckpt_every"] == 0:
             import ray.train

@@ -18,6 +18,11 @@ from .errors import ConfigError
 
 RATE = 24000  # the neural codec's rate: held-out excerpts are resampled to it
 REFUSED = "refused: tuned weights are not better, keeping the base"
+STOI_TOLERANCE = 0.01  # better also means: mean STOI (speech-like held-out files) at most this much lower
+FINE_TUNE_LR = 2e-4  # peak learning rate of the fine-tune (the from-scratch 1e-3 first undoes the release)
+# the release's own objective (its model card): companded-MDCT and band-envelope (intelligibility) terms beside
+# the mel loss, rungs weighted toward the low ones; a fine-tune on the mel loss alone trades STOI for mel
+RELEASE_RECIPE = ("--w-mdct", "4", "--w-env", "2", "--p-full", "0.2", "--rung-weights", "3", "3", "2", "1.5", "1")
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,10 @@ def trainer_argv(cfg: TuneConfig, data_dir: Path, work: Path, candidate: Path) -
         v = getattr(cfg, name)
         if v is not None:
             argv += [f"--{name.replace('_', '-')}", f"{v:g}" if isinstance(v, float) else str(v)]
+    if cfg.lr is None:
+        argv += ["--lr", f"{FINE_TUNE_LR:g}"]
+    if cfg.base == "neural_rvq":
+        argv += list(RELEASE_RECIPE)
     if cfg.ckpt_every is None and cfg.steps is None:  # a time budget: score (and keep the best) often
         argv += ["--ckpt-every", "50"]
     if not cfg.use_ray:
@@ -259,7 +268,8 @@ def lowest_matching_rung(base: dict[float, dict], tuned: dict[float, dict], ref_
 def run_tune(cfg: TuneConfig, log=print) -> dict:
     """List, sample and split ``cfg.src``; fine-tune from the base on the tuning part for ``cfg.minutes``; score base
     and tuned on the held-out part at every rung; write the tuned weights only if their mean mel distance over the
-    rungs is lower than the base's (or ``cfg.force``), and the report beside them (``WEIGHTS`` with ``.json``) either
+    rungs is lower than the base's and their mean STOI on speech-like files no more than ``STOI_TOLERANCE`` lower
+    (or ``cfg.force``), and the report beside them (``WEIGHTS`` with ``.json``) either
     way. Returns the report (``kept``: the weights were written)."""
     import torch
 
@@ -308,7 +318,11 @@ def run_tune(cfg: TuneConfig, log=print) -> dict:
         st = evaluate(tuned, refs, visqol, device)
         mean_b = float(np.mean([v["mel"] for v in sb.values()]))
         mean_t = float(np.mean([v["mel"] for v in st.values()]))
-        better = math.isfinite(mean_t) and mean_t < mean_b
+        stoi_b = _mean(v["stoi"] for v in sb.values())
+        stoi_t = _mean(v["stoi"] for v in st.values())
+        stoi_ok = stoi_b is None or (stoi_t is not None and stoi_t >= stoi_b - STOI_TOLERANCE)
+        same = tuned.checkpoint_hash() == base.checkpoint_hash()  # the fine-tune never beat its starting point
+        better = not same and math.isfinite(mean_t) and mean_t < mean_b and stoi_ok
         tuned_hash = tuned.checkpoint_hash()
         out = Path(cfg.out) if cfg.out else Path.cwd() / f"tuned-{tuned_hash[:12]}.pt"
         keep = better or cfg.force
@@ -324,12 +338,14 @@ def run_tune(cfg: TuneConfig, log=print) -> dict:
         except Exception:  # noqa: BLE001 - the count is informative only
             steps = None
         report = {
-            "kept": keep, "better": better, "weights": str(out) if keep else None,
+            "kept": keep, "better": better, "same_as_base": same, "weights": str(out) if keep else None,
             "report": str(out.with_suffix(".json")),
-            "message": (f"kept: {out}" if better else (f"forced: {out} (not better)" if keep else REFUSED)),
+            "message": (f"kept: {out}" if better else (f"forced: {out} (not better)" if keep else
+                        REFUSED + (" (the fine-tune found nothing better than the base on its own validation "
+                                   "segments)" if same else ""))),
             "src": cfg.src, "codec": cfg.base, "base_weights": str(cfg.base_path()),
             "base_hash": base.checkpoint_hash(), "tuned_hash": tuned_hash,
-            "mean_mel": {"base": mean_b, "tuned": mean_t},
+            "mean_mel": {"base": mean_b, "tuned": mean_t}, "mean_stoi": {"base": stoi_b, "tuned": stoi_t},
             "tuned_matches_base_6kbps_at_kbps": lowest_matching_rung(sb, st),
             "rungs": rungs,
             "files": {"library": len(library), "sampled": len(sample), "tuning": [r for r, _ in tune],
@@ -378,7 +394,8 @@ def format_table(report: dict) -> str:
             line += f"  {f(r.get('base_visqol')):>11}  {f(r.get('tuned_visqol')):>12}"
         lines.append(line)
     m = report["mean_mel"]
-    lines.append(f"{'mean':>10}  {f(m['base']):>9}  {f(m['tuned']):>9}")
+    ms = report.get("mean_stoi") or {}
+    lines.append(f"{'mean':>10}  {f(m['base']):>9}  {f(m['tuned']):>9}  {f(ms.get('base')):>9}  {f(ms.get('tuned')):>10}")
     at = report["tuned_matches_base_6kbps_at_kbps"]
     lines.append(f"tuned matches the base's 6 kbps mel distance from {at:g} kbps" if at is not None
                  else "tuned never matches the base's 6 kbps mel distance")
