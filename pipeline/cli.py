@@ -61,7 +61,8 @@ def cmd_encode(args) -> int:
                        address=args.address, input_list=args.input_list, metrics_port=args.metrics_port,
                        metrics_host=args.metrics_host, metrics_linger=args.metrics_linger,
                        emit_metrics=not args.no_metrics, min_actors=args.min_actors,
-                       max_actors=args.max_actors, precision=args.precision, rehash=args.rehash).validate()
+                       max_actors=args.max_actors, precision=args.precision, rehash=args.rehash,
+                       executor=args.executor).validate()
     bar = None
     on_progress = None
     if not args.json and sys.stderr.isatty() or args.progress:
@@ -370,7 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--window-seconds", type=float, default=30.0, help="codec window length (memory bound)")
     e.add_argument("--actors", type=int, help="codec actors (default: 1 per GPU, else 1 per CPU)")
     e.add_argument("--gpus-per-actor", type=float, help="GPUs per codec actor (fractional packs several)")
-    e.add_argument("--threads-per-actor", type=int, default=1, help="torch threads per CPU codec actor")
+    e.add_argument("--threads-per-actor", type=int, help="torch threads per CPU codec actor (default: 1 under "
+                   "Ray; in-process, every core)")
+    e.add_argument("--executor", choices=["auto", "local", "ray"], default="auto",
+                   help="where the stages run: local = in this process (no Ray start-up), ray = a Ray Data "
+                   "pipeline with codec actors; auto (default): ray with --address/RAY_ADDRESS, --actors or a "
+                   "GPU, else local")
     e.add_argument("--batch-windows", type=int, help="windows per codec forward pass (default 1 on CPU, 64 "
                    "on GPU)")
     e.add_argument("--batch-seconds", type=float, help="the same in seconds of audio per forward pass (whole "

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -13,7 +14,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from . import archive, audio, metrics, placement, storage
+from . import archive, audio, inprocess, metrics, placement, storage
 from .audio import AUDIO_EXTENSIONS
 from . import quality as quality_mod
 from .codec import registry
@@ -23,6 +24,9 @@ from .runtime import init_ray
 from .manifest import ARCHIVED, FAILED, ArchiveRecord, CodecRecord, Location, ManifestEntry
 from .quality import QualityConfig, StreamingSampler
 
+
+
+EXECUTORS = ("auto", "local", "ray")
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ class EncodeConfig:
     window_seconds: float = 30.0
     actors: int | None = None  # codec actors; default: 1 per GPU slot, else 1 per CPU
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
-    threads_per_actor: int = 1  # torch threads in each CPU codec actor
+    threads_per_actor: int | None = None  # torch threads in each CPU codec actor (Ray: 1; in-process: every core)
     batch_windows: int | None = None  # windows per codec forward pass; default 1 on CPU, 64 on GPU
     batch_seconds: float | None = None  # the same in seconds of audio (whole windows, at least one)
     min_actors: int | None = None  # autoscaling pool bounds (ActorPoolStrategy); default: --actors or 1
@@ -53,6 +57,7 @@ class EncodeConfig:
     metrics_linger: float = 0.0  # after the job: keep serving until its final values were scraped, <= this
     emit_metrics: bool = True  # worker-side Ray metrics (also off with AUDIOARC_METRICS=0)
     rehash: bool = False  # read and hash every input, even those whose listed size and version are unchanged
+    executor: str = "auto"  # "ray" | "local" (in-process, no Ray) | "auto": local unless there is a cluster to use
 
     def windows_per_batch(self) -> int | None:
         """``batch_windows``, or ``batch_seconds`` in whole windows of ``window_seconds`` (at least 1)."""
@@ -67,6 +72,12 @@ class EncodeConfig:
             raise ConfigError(f"--window-seconds must be in [1, 600], got {self.window_seconds}")
         if self.actors is not None and self.actors < 1:
             raise ConfigError("--actors must be >= 1")
+        if self.threads_per_actor is not None and self.threads_per_actor < 1:
+            raise ConfigError("--threads-per-actor must be >= 1")
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"--executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        if self.executor == "local" and self.address:
+            raise ConfigError("--executor local runs in this process: drop --address (or use --executor ray)")
         if self.commit_every < 1:
             raise ConfigError("--commit-every must be >= 1")
         if self.shard_mb <= 0:
@@ -211,8 +222,8 @@ class CodecActor:
         self.torch = torch
         self.precision = precision
         self.node_id = self.actor_id = None
-        import ray
-        if ray.is_initialized():  # outside Ray (unit use) asking for the context would start a local Ray
+        ray = sys.modules.get("ray")  # in-process (no Ray imported) or inside a Ray worker
+        if ray is not None and ray.is_initialized():  # outside Ray asking for the context would start a local Ray
             rc = ray.get_runtime_context()
             self.node_id, self.actor_id = rc.get_node_id(), rc.get_actor_id()
         self.codec = archive.weights.load_path(codec, weights, checkpoint_hash, device)
@@ -256,9 +267,10 @@ class CodecActor:
                 off += c
             seconds += len(idx) * n_frames * self.hop / self.codec.sample_rate
         files = sum(1 for k in kinds if k == "info")
-        if self.progress is not None:
-            self.progress.add.remote(files=files, seconds=seconds, node=self.node_id, actor=self.actor_id,
-                                     windows=sum(len(v) for v in groups.values()))
+        if self.progress is not None:  # a Ray actor handle, or a Progress in this process
+            add = getattr(self.progress.add, "remote", self.progress.add)
+            add(files=files, seconds=seconds, node=self.node_id, actor=self.actor_id,
+                windows=sum(len(v) for v in groups.values()))
         if self.em.on:  # per batch: a handful of metric updates
             n_win = len(kinds) - files
             self.em.inc("audioarc_audio_seconds_in", seconds, stage="encode")
@@ -496,15 +508,38 @@ def _run_encode(cfg: EncodeConfig, on_progress, job_id: str, dm: "metrics.Driver
             lease.release()
 
 
-class _Runtime:
-    """Ray and what hangs on it (actor plan, progress actor, quality task), started on first need: a job whose
-    inputs are all unchanged never starts Ray."""
+def choose_executor(cfg: EncodeConfig, cuda: bool | None = None) -> str:
+    """``cfg.executor``, or for ``auto``: ``ray`` when there is a cluster to use (``--address``, RAY_ADDRESS, a
+    Ray already started in this process), an actor pool or GPUs are asked for, or a GPU is at hand (its decode
+    fleet keeps the card busy); else ``local`` (in-process: no Ray start-up, every core for the codec)."""
+    if cfg.executor != "auto":
+        return cfg.executor
+    ray = sys.modules.get("ray")
+    if cfg.address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
+        return "ray"
+    if any(v is not None for v in (cfg.actors, cfg.min_actors, cfg.max_actors)) or (cfg.gpus_per_actor or 0) > 0:
+        return "ray"
+    if cuda is None:
+        import torch
+        cuda = torch.cuda.is_available()
+    return "ray" if cuda and cfg.gpus_per_actor != 0 else "local"
 
-    def __init__(self, cfg: EncodeConfig, job_id: str, dm, q):
+
+class _Runtime:
+    """Where the stages run and what hangs on it (actor plan, progress counters, quality tasks), started on first
+    need: a job whose inputs are all unchanged starts nothing. ``local``: in this process (``inprocess``);
+    ``ray``: a Ray Data pipeline per chunk of inputs, codec actors, a progress actor."""
+
+    def __init__(self, cfg: EncodeConfig, job_id: str, dm, q, executor: str = "ray"):
         self.cfg, self.job_id, self.dm, self.q = cfg, job_id, dm, q
+        self.executor = executor
         self.ray = self.plan = self.progress = self.q_task = None
+        self.codec_stage = None  # local: the one CodecActor, loaded once for the job
+        self.threads = self.decoders = None
 
     def start(self):
+        if self.executor == "local":
+            return self._start_local()
         if self.ray is None:
             init_ray(self.cfg.address)
             import ray
@@ -522,9 +557,71 @@ class _Runtime:
             self.ray = ray
         return self.ray
 
+    def _start_local(self):
+        if self.plan is None:
+            import torch
+            c = self.cfg
+            threads, self.decoders = inprocess.default_threads()
+            self.threads = c.threads_per_actor or threads
+            cuda = torch.cuda.is_available() and c.gpus_per_actor != 0
+            self.plan = placement.plan_actors({"CPU": 1, "GPU": 1 if cuda else 0}, 1, None, None, None,
+                                              c.windows_per_batch(), c.precision)
+            self.progress = Progress()
+        return None
+
+    def stream(self, rows: list[dict], geom: CodecGeometry, window_frames: int, job_tags, crec: CodecRecord,
+               weights: str, n_q: int) -> Iterator[dict[str, np.ndarray]]:
+        """Encoded batches (``CodecActor`` output) of the inputs ``rows``, in the order they complete."""
+        self.start()
+        plan, c = self.plan, self.cfg
+        if self.executor == "local":
+            if self.codec_stage is None:
+                self.codec_stage = CodecActor(crec.name, weights, crec.checkpoint_hash, n_q, plan.device,
+                                              self.threads, progress=self.progress, precision=plan.precision)
+            window = window_frames * geom.hop_length + sum(geom.encode_context)
+            return inprocess.stream(
+                rows, lambda it: decode_file(it, geom, window_frames), self.codec_stage,
+                batch_samples=plan.batch_windows * window, decoders=self.decoders)
+        ray = self.ray
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        ds = ds.flat_map(decode_file, fn_kwargs={"geom": geom, "window_frames": window_frames, "job_tags": job_tags},
+                         num_cpus=0.5)
+        ds = ds.map_batches(
+            CodecActor, batch_size=plan.batch_windows, batch_format="numpy",
+            fn_constructor_kwargs={"codec": crec.name, "weights": weights,
+                                   "checkpoint_hash": crec.checkpoint_hash, "n_q": n_q, "device": plan.device,
+                                   "threads": c.threads_per_actor or 1, "progress": self.progress,
+                                   "job_tags": job_tags, "precision": plan.precision},
+            compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
+            **plan.remote_args())
+        return ds.iter_batches(batch_size=None, batch_format="numpy")
+
+    def quality(self, dest: str, record, entry, q, weights):
+        """A quality evaluation of one archived file: a Ray task, or (local) a call made by ``gather``."""
+        self.start()
+        if self.executor == "local":
+            return lambda: quality_mod.evaluate(dest, record, entry, q, weights=weights)
+        return self.q_task.remote(dest, record, entry, q, weights=weights)
+
+    def gather(self, futures: list) -> list:
+        if self.executor == "local":
+            return [f() for f in futures]
+        return self.ray.get(futures)
+
+    def placement(self) -> dict | None:
+        """The summary's ``placement``: the plan, the executor, the work per node."""
+        if self.plan is None:
+            return None
+        extra = {"executor": self.executor}
+        if self.executor == "local":
+            extra.update(threads=self.threads, decoders=self.decoders)
+        return dict(self.plan.to_json(), nodes=self.ask("by_node", {}), **extra)
+
     def ask(self, method: str, default):
         """A progress figure from the progress actor; ``default`` if it is gone (progress is only shown, never
         what the job commits: a lost node must not fail the job)."""
+        if self.executor == "local":
+            return getattr(self.progress, method)() if self.progress is not None else default
         if self.ray is None:
             return default
         try:
@@ -701,10 +798,11 @@ def _encode_waves(cfg, job_id, dm, on_progress, t0, inputs, record, crec, n_q, g
     close and one catalog append, not a new actor pool)."""
     current = archive.Archive(cfg.dest, record)
     asm = _Assembler(cfg, crec, job_id, lease, archive.commit.highest_claimed(cfg.dest))
+    executor = choose_executor(cfg)
     job_tags = {"job_id": job_id, "codec": crec.name, "bitrate": f"{cfg.bitrate_kbps:g}"} \
-        if cfg.emit_metrics and metrics.enabled() else None
+        if cfg.emit_metrics and metrics.enabled() and executor == "ray" else None  # (Ray's metrics: Ray only)
     q = cfg.quality if cfg.quality is not None and cfg.quality.fraction > 0 else None
-    rt = _Runtime(cfg, job_id, dm, q)
+    rt = _Runtime(cfg, job_id, dm, q, executor)
     sampler = StreamingSampler(q.fraction, q.seed, q.min_files) if q else None
     q_futures: list = []
     totals = _Totals()
@@ -757,29 +855,15 @@ def _encode_waves(cfg, job_id, dm, on_progress, t0, inputs, record, crec, n_q, g
         generations.add(gen)
         record = replace(record, generations=tuple(sorted(generations)))
         if sampler:  # sample this generation's files now, while the stream goes on
-            q_futures.extend(rt.q_task.remote(cfg.dest, record, e, q, weights=cfg.codec_weights)
+            q_futures.extend(rt.quality(cfg.dest, record, e, q, cfg.codec_weights)
                              for e in entries if sampler.offer(e))
 
     for chunk in _batches(planned(), STREAM_CHUNK):
-        ray = rt.start()
-        plan = rt.plan
         for it in chunk:
             asm.expect(it)
         rows = [{k: it[k] for k in ("source", "file_id", "size", "prev_hash")} for it in chunk]
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-        ds = ds.flat_map(decode_file,
-                         fn_kwargs={"geom": geom, "window_frames": window_frames, "job_tags": job_tags},
-                         num_cpus=0.5)
-        ds = ds.map_batches(
-            CodecActor, batch_size=plan.batch_windows, batch_format="numpy",
-            fn_constructor_kwargs={"codec": crec.name, "weights": actor_weights,
-                                   "checkpoint_hash": crec.checkpoint_hash, "n_q": n_q, "device": plan.device,
-                                   "threads": cfg.threads_per_actor, "progress": rt.progress,
-                                   "job_tags": job_tags, "precision": plan.precision},
-            compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
-            **plan.remote_args())
         last = time.monotonic()
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in rt.stream(rows, geom, window_frames, job_tags, crec, actor_weights, n_q):
             kinds = batch["kind"]
             written = 0
             for i in range(len(kinds)):
@@ -805,11 +889,9 @@ def _encode_waves(cfg, job_id, dm, on_progress, t0, inputs, record, crec, n_q, g
     quality_result = None
     if sampler:
         left = list(sampler.leftovers())
-        if left:
-            rt.start()
-        q_futures += [rt.q_task.remote(cfg.dest, record, e, q, weights=cfg.codec_weights) for e in left]
+        q_futures += [rt.quality(cfg.dest, record, e, q, cfg.codec_weights) for e in left]
         if q_futures:
-            rows = rt.ray.get(q_futures)
+            rows = rt.gather(q_futures)
             quality_result = quality_mod.finish(cfg.dest, job_id, rows, q, {
                 "archive": cfg.dest, "codec": crec.name, "checkpoint": crec.checkpoint_hash,
                 "bitrate_kbps": crec.kbps_per_channel,
@@ -817,8 +899,7 @@ def _encode_waves(cfg, job_id, dm, on_progress, t0, inputs, record, crec, n_q, g
                 "files in job": counts["files"], "files_failed": totals.failed},
                 files_archived=totals.archived - totals.skipped)  # the files this run encoded: the sample's population
     summary = summarize(cfg, crec, totals, time.time() - t0)
-    if rt.ray is not None:
-        summary.placement = dict(rt.plan.to_json(), nodes=rt.ask("by_node", {}))
+    summary.placement = rt.placement()
     if quality_result is not None:
         if dm is not None:
             dm.quality(quality_result.summary)

@@ -1,0 +1,176 @@
+"""The in-process executor: the same stages as the Ray pipeline in one process, the same archive; bounded memory,
+decoder errors surfaced, and ``--executor auto`` choosing it only when there is no cluster to use."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from tests import audio_factory as af
+from tests.content import spectrogram_similarity
+
+
+def _corpus(root):
+    """Mono 16 kHz, stereo 44.1 kHz, 8 kHz in a sub-folder, a 70 s file (three 30 s windows), a broken file."""
+    import soundfile as sf
+    from tests.test_tune import rich
+    src = root / "src"
+    (src / "deep").mkdir(parents=True)
+    sf.write(str(src / "mono16k.wav"), rich(4.0, 16000, 150.0, 4.0, seed=0), 16000)
+    sf.write(str(src / "stereo44k.flac"), np.stack([rich(3.0, 44100, 220.0, 0.5, seed=2),
+                                                    rich(3.0, 44100, 330.0, 2.0, seed=3)], axis=1), 44100)
+    sf.write(str(src / "deep/telephone8k.wav"), rich(2.5, 8000, 120.0, 4.0, seed=4), 8000)
+    sf.write(str(src / "long.flac"), rich(70.0, 24000, 180.0, 3.0, seed=1), 24000)
+    af.not_audio(src / "broken.wav")
+    return src
+
+
+def _codes(dest):
+    from pipeline import archive
+    from pipeline.archive.shards import read_file_windows
+    rec = archive.require_record(str(dest))
+    out = {}
+    for e in archive.Archive(str(dest), rec).iter_latest():
+        if e.status == "archived":
+            out[e.relpath] = [(fs, c) for fs, c, _ in read_file_windows(str(dest), e, rec.codec)]
+    return out
+
+
+def test_local_executor_writes_the_archive_the_ray_pipeline_writes(cli, tmp_path):
+    import soundfile as sf
+    src = _corpus(tmp_path)
+    a = cli.json("encode", src, tmp_path / "local", "--executor", "local", "--quality-sample", "0", expect=3)
+    b = cli.json("encode", src, tmp_path / "ray", "--executor", "ray", "--quality-sample", "0", expect=3)
+    assert a["placement"]["executor"] == "local" and b["placement"]["executor"] == "ray"
+    assert a["placement"]["threads"] >= 1
+    for s in (a, b):
+        assert (s["files_total"], s["files_archived"], s["files_failed"]) == (5, 4, 1)
+        assert [f["source"].endswith("broken.wav") for f in s["failures"]] == [True]
+    ca, cb = _codes(tmp_path / "local"), _codes(tmp_path / "ray")
+    assert sorted(ca) == sorted(cb) == ["deep/telephone8k.wav", "long.flac", "mono16k.wav", "stereo44k.flac"]
+    for rel in ca:  # the same windows and the same codes, whichever executor ran the stages
+        assert [fs for fs, _ in ca[rel]] == [fs for fs, _ in cb[rel]], rel
+        for (_, x), (_, y) in zip(ca[rel], cb[rel]):
+            assert x.shape == y.shape and np.mean(x == y) > 0.999, rel
+    assert len(ca["long.flac"]) == 3
+    # what went in comes back: every file, its length, its channels and its content
+    assert cli("verify", tmp_path / "local", "--deep")[0] == 0
+    code, _ = cli("restore", tmp_path / "local", tmp_path / "back", "--format", "wav")
+    assert code == 0
+    for rel in ca:
+        orig, rate = sf.read(str(src / rel), always_2d=True)
+        back, rate2 = sf.read(str(tmp_path / "back" / rel).rsplit(".", 1)[0] + ".wav", always_2d=True)
+        assert rate2 == rate and back.shape == orig.shape, rel
+        assert spectrogram_similarity(orig, back, rate) > 0.6, rel
+    # a re-run in-process skips everything unchanged, reading no audio
+    again = cli.json("encode", src, tmp_path / "local", "--executor", "local", "--quality-sample", "0", expect=3)
+    assert again["files_skipped"] == 4 and again["files_archived"] == 4
+
+
+def test_local_executor_runs_quality_sampling(cli, tmp_path):
+    src = _corpus(tmp_path)
+    s = cli.json("encode", src, tmp_path / "arc", "--executor", "local", "--quality-sample", "1.0",
+                 "--quality-min-files", "1", expect=3)
+    assert s["placement"]["executor"] == "local"
+    q = s["quality"]["summary"]
+    assert q["files_sampled"] == q["files_measured"] == 4
+
+
+def test_a_fresh_process_encodes_without_ray(tmp_path):
+    """``auto`` with no cluster: the job never imports Ray (no start-up cost), and the archive is complete."""
+    src = tmp_path / "src"
+    af.write(src / "a.wav", 2.0, 16000, kind="chirp")
+    af.write(src / "b.flac", 1.0, 44100, channels=2, kind="chirp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    probe = ("import sys, json; from pipeline.cli import main; rc = main(sys.argv[1:]); "
+             "print(json.dumps({'rc': rc, 'ray': 'ray' in sys.modules}), file=sys.stderr)")
+    p = subprocess.run([sys.executable, "-c", probe, "encode", str(src), str(tmp_path / "arc"), "--quality-sample",
+                        "0", "--json"], capture_output=True, text=True, env=env, cwd=os.getcwd(), timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    import json
+    tail = json.loads(p.stderr.strip().splitlines()[-1])
+    summary = json.loads(p.stdout)
+    assert tail == {"rc": 0, "ray": False}
+    assert summary["files_archived"] == 2 and summary["placement"]["executor"] == "local"
+
+
+def test_auto_chooses_ray_only_when_there_is_a_cluster_to_use(monkeypatch):
+    from pipeline.encode import EncodeConfig, choose_executor
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setitem(sys.modules, "ray", None)  # as in a fresh process: Ray not imported
+    base = EncodeConfig(src="a", dest="b")
+    assert choose_executor(base, cuda=False) == "local"
+    assert choose_executor(base, cuda=True) == "ray"  # a GPU wants the Ray decode fleet beside it
+    from dataclasses import replace
+    assert choose_executor(replace(base, gpus_per_actor=0), cuda=True) == "local"
+    for kw in ({"address": "ray://head:10001"}, {"actors": 2}, {"max_actors": 4}, {"gpus_per_actor": 0.5}):
+        assert choose_executor(replace(base, **kw), cuda=False) == "ray", kw
+    assert choose_executor(replace(base, executor="ray"), cuda=False) == "ray"
+    assert choose_executor(replace(base, executor="local"), cuda=True) == "local"
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert choose_executor(base, cuda=False) == "ray"
+    from pipeline.errors import ConfigError
+    with pytest.raises(ConfigError, match="--executor"):
+        EncodeConfig(src="a", dest="b", executor="spark").validate()
+    with pytest.raises(ConfigError, match="drop --address"):
+        EncodeConfig(src="a", dest="b", executor="local", address="x:1").validate()
+
+
+def _rows(fid: int, windows: int, samples: int):
+    from pipeline.encode import _row
+    for k in range(windows):
+        yield _row("win", fid, k, k * 10, 10, 1, np.zeros(samples, np.float32).tobytes())
+    yield _row("info", fid, info="{}")
+
+
+def test_stream_is_bounded_in_memory_and_keeps_every_row():
+    """A 'file' of 400 windows passes through while at most the queue and one batch are held at once."""
+    from pipeline import inprocess
+    made = [0]
+    lock = threading.Lock()
+    held = {"now": 0, "max": 0}
+
+    def decode(item):
+        for r in _rows(item["file_id"], item["windows"], 1000):
+            with lock:
+                made[0] += 1
+                held["now"] += 1
+                held["max"] = max(held["max"], held["now"])
+            yield r
+
+    def encode(batch):
+        with lock:
+            held["now"] -= len(batch["kind"])
+        return batch
+
+    items = [{"file_id": 1, "windows": 400}, {"file_id": 2, "windows": 3}, {"file_id": 3, "windows": 0}]
+    out = list(inprocess.stream(items, decode, encode, batch_samples=4000, decoders=2, queue_rows=8))
+    kinds = [k for b in out for k in b["kind"]]
+    fids = [int(f) for b in out for f, k in zip(b["file_id"], b["kind"]) if k == "info"]
+    assert len(kinds) == made[0] == 400 + 3 + 3 and sorted(fids) == [1, 2, 3]
+    assert held["max"] <= 8 + 4 + 2 + 2  # queue + one batch + a row in each decoder's hand
+    seqs = [int(s) for b in out for s, f, k in zip(b["seq"], b["file_id"], b["kind"]) if k == "win" and f == 1]
+    assert seqs == list(range(400))  # one file's windows in order
+
+
+def test_stream_raises_what_a_decoder_raised():
+    from pipeline import inprocess
+
+    def decode(item):
+        yield from _rows(item["file_id"], 2, 10)
+        if item["file_id"] == 2:
+            raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        list(inprocess.stream([{"file_id": i} for i in range(5)], decode, lambda b: b, batch_samples=10 ** 6))
+
+
+def test_default_threads_use_every_core():
+    from pipeline import inprocess
+    assert inprocess.default_threads(2) == (2, 1)
+    assert inprocess.default_threads(16) == (16, 4)
+    assert inprocess.default_threads(1) == (1, 1)
