@@ -87,8 +87,9 @@ def restore_entry(dest: str, rec: ArchiveRecord, entry: ManifestEntry, out_url: 
     return out_url
 
 
-def _restore_many(dest, rec, entries, out, fmt, weights, n_q=None) -> tuple[list[dict], list[dict]]:
-    codec = archive.load_codec(dest, rec, weights)
+def _restore_many(dest, rec, entries, out, fmt, weights, n_q=None, codec=None) -> tuple[list[dict], list[dict]]:
+    if codec is None:  # (a Ray task loads its own)
+        codec = archive.load_codec(dest, rec, weights)
     done, refused = [], []
     for e in entries:
         try:
@@ -148,8 +149,9 @@ def run_restore(cfg: RestoreConfig) -> RestoreResult:
     n_q = prefix_stages(codec, rec, cfg.bitrate_kbps)
     n_q = None if n_q == rec.codec.n_q else n_q
     if len(chosen) <= cfg.parallel_threshold:
-        done, refused = _restore_many(cfg.dest, rec, chosen, cfg.out, cfg.format, cfg.codec_weights, n_q)
+        done, refused = _restore_many(cfg.dest, rec, chosen, cfg.out, cfg.format, cfg.codec_weights, n_q, codec)
         return RestoreResult(done, refused)
+    del codec  # each task loads its own
     from .runtime import init_ray
     init_ray(cfg.address)
     import ray

@@ -201,6 +201,49 @@ def test_weights_round_trip_and_are_hash_checked(tmp_path):
         weights.load_codec(str(tmp_path), rec)
 
 
+
+
+def test_weights_views_equal_the_safetensors_library_and_refuse_crafted_files():
+    """Weights load as views into the file's bytes (no third copy); every tensor equals what the safetensors
+    library reads, and a file whose header lies about its byte ranges is refused before any model sees it."""
+    import struct
+
+    import torch
+    from safetensors.torch import load, save
+
+    from pipeline.archive import weights
+    from pipeline.codec import registry
+    from pipeline.errors import IntegrityError
+    codec = registry.load("neural_rvq")
+    data = weights.to_bytes(codec)
+    views, ref = weights._views(data), load(data)
+    assert views.keys() == ref.keys()
+    for k in ref:
+        assert views[k].dtype == ref[k].dtype and torch.equal(views[k], ref[k]), k
+    back = weights.from_bytes(data, "neural_rvq", codec.checkpoint_hash(), "w")
+    assert back.checkpoint_hash() == codec.checkpoint_hash()
+
+    def crafted(header: dict, body: bytes) -> bytes:
+        h = json.dumps(header).encode()
+        return struct.pack("<Q", len(h)) + h + body
+
+    md = {"format": weights.MAGIC, "version": weights.VERSION, "codec": "neural_rvq", "checkpoint_hash": "0" * 16}
+    good = save({"a": torch.ones(4), "b": torch.zeros(2)}, metadata=md)
+    assert set(weights._views(good)) == {"a", "b"}
+    bad = [
+        crafted({"__metadata__": md, "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                 "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, bytes(24)),  # overlap
+        crafted({"__metadata__": md, "a": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}}, bytes(16)),  # past the end
+        crafted({"__metadata__": md, "a": {"dtype": "F32", "shape": [5], "data_offsets": [0, 16]}}, bytes(16)),  # shape lies
+        crafted({"__metadata__": md, "a": {"dtype": "X9", "shape": [4], "data_offsets": [0, 16]}}, bytes(16)),  # dtype
+        crafted({"__metadata__": md, "a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, bytes(16)),  # gap
+        struct.pack("<Q", 1 << 40) + b"{}",  # header longer than the file
+    ]
+    for i, b in enumerate(bad):
+        with pytest.raises(ValueError):
+            weights._views(b)
+        with pytest.raises(IntegrityError, match="unreadable weights|not a safetensors|not an audioarc weights"):
+            weights.from_bytes(b, "neural_rvq", "0" * 16, f"crafted{i}")
 @pytest.mark.parametrize("version,ok", [("1.0", True), ("1.7", True), ("2.0", True), ("2.3", True), ("3.0", False),
                                         ("0.9", False)])
 def test_readers_reject_unknown_major_versions(version, ok):

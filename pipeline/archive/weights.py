@@ -38,7 +38,6 @@ def _metadata(data: bytes, where: str) -> dict:
 
 def from_bytes(data: bytes, name: str, expect_hash: str, where: str, device: str = "cpu"):
     """The codec ``name`` with the weights in ``data``; raises unless they hash to ``expect_hash``."""
-    from safetensors.torch import load
     from ..codec import registry
     md = _metadata(data, where)
     if md.get("format") != MAGIC:
@@ -49,11 +48,12 @@ def from_bytes(data: bytes, name: str, expect_hash: str, where: str, device: str
     if md.get("codec") != name:
         raise IntegrityError(f"{where}: holds weights of codec {md.get('codec')!r}, the archive needs {name!r}")
     try:
-        tensors = load(data)
+        tensors = _views(data)
     except Exception as e:  # noqa: BLE001
         raise IntegrityError(f"{where}: unreadable weights ({type(e).__name__}: {str(e)[:200]})") from None
     codec = registry.spec(name).factory()
-    codec.load_weights({"model": tensors}, where)
+    codec.load_weights({"model": tensors}, where)  # copied out of the views: no third copy of the weights
+    del tensors
     if codec.checkpoint_hash() != expect_hash:
         raise IntegrityError(f"{where}: its tensors hash to {codec.checkpoint_hash()}, the archive was made with "
                              f"{expect_hash} (a damaged or replaced weights file)")
@@ -76,6 +76,52 @@ def embed(dest: str, codec) -> WeightsRef:
             except Exception:  # noqa: BLE001 - damaged: replace it with the good copy
                 storage.write_bytes(url, data)
     return WeightsRef(rel, hashlib.sha256(data).hexdigest(), len(data))
+
+
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _views(data: bytes) -> dict:
+    """The tensors of the safetensors file ``data`` as read-only views into it (no copy: loading the weights
+    holds the file's bytes and the model, not a third copy). Every entry is checked against the format: a known
+    dtype, a shape whose size matches its byte range, ranges inside the data that tile it without gaps or
+    overlaps (as the safetensors library requires)."""
+    import warnings
+
+    import torch
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise ValueError("header longer than the file")
+    header = json.loads(data[8:8 + n])
+    base, end = 8 + n, len(data) - 8 - n
+    out, spans = {}, []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": the views are only read
+        for key, v in header.items():
+            if key == "__metadata__":
+                continue
+            if v.get("dtype") not in _DTYPES:
+                raise ValueError(f"tensor {key!r}: unknown dtype {v.get('dtype')!r}")
+            dt = getattr(torch, _DTYPES[v["dtype"]])
+            a, b = (int(x) for x in v["data_offsets"])
+            shape = [int(d) for d in v["shape"]]
+            count = 1
+            for d in shape:
+                count *= d
+            if not 0 <= a <= b <= end or b - a != count * dt.itemsize:
+                raise ValueError(f"tensor {key!r}: byte range {a}..{b} does not hold shape {shape} of {v['dtype']}")
+            spans.append((a, b))
+            out[key] = (torch.frombuffer(data, dtype=dt, count=count, offset=base + a) if count
+                        else torch.empty(0, dtype=dt)).reshape(shape)
+    pos = 0
+    for a, b in sorted(spans):
+        if a != pos:
+            raise ValueError("tensor byte ranges overlap or leave gaps")
+        pos = b
+    if pos != end:
+        raise ValueError("bytes after the last tensor")
+    return out
 
 
 def read_checked(dest: str, ref: WeightsRef) -> bytes:

@@ -119,7 +119,7 @@ class Codec(nn.Module):
         h = hashlib.sha256()
         for key, tensor in sorted(self.state_dict().items()):
             h.update(key.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            h.update(tensor.detach().cpu().contiguous().numpy().data)  # (the buffer itself: no copy)
         return h.hexdigest()[:16]
 
     def record(self, n_q: int) -> CodecRecord:
