@@ -144,7 +144,7 @@ def bench_restore(s3, work: str, n_files: int) -> dict:
 
 
 def bench_listing(work: str, counts: list[int], commit_every: int = 500) -> list[dict]:
-    from pipeline.encode import _batches, _list_inputs, file_id_for
+    from pipeline.encode.inputs import _batches, _list_inputs, file_id_for
     out = []
     for n in counts:
         path = os.path.join(work, f"list-{n}.txt")

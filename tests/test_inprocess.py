@@ -121,7 +121,7 @@ def test_auto_chooses_ray_only_when_there_is_a_cluster_to_use(monkeypatch):
 
 
 def _rows(fid: int, windows: int, samples: int):
-    from pipeline.encode import _row
+    from pipeline.encode.stages import _row
     for k in range(windows):
         yield _row("win", fid, k, k * 10, 10, 1, np.zeros(samples, np.float32).tobytes())
     yield _row("info", fid, info="{}")
@@ -129,7 +129,7 @@ def _rows(fid: int, windows: int, samples: int):
 
 def test_stream_is_bounded_in_memory_and_keeps_every_row():
     """A 'file' of 400 windows passes through while at most the queue and one batch are held at once."""
-    from pipeline import inprocess
+    from pipeline.encode import inprocess
     made = [0]
     lock = threading.Lock()
     held = {"now": 0, "max": 0}
@@ -158,7 +158,7 @@ def test_stream_is_bounded_in_memory_and_keeps_every_row():
 
 
 def test_stream_raises_what_a_decoder_raised():
-    from pipeline import inprocess
+    from pipeline.encode import inprocess
 
     def decode(item):
         yield from _rows(item["file_id"], 2, 10)
@@ -170,7 +170,7 @@ def test_stream_raises_what_a_decoder_raised():
 
 
 def test_default_threads_use_every_core():
-    from pipeline import inprocess
+    from pipeline.encode import inprocess
     assert inprocess.default_threads(2) == (2, 1)
     assert inprocess.default_threads(16) == (16, 4)
     assert inprocess.default_threads(1) == (1, 1)

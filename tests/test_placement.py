@@ -113,7 +113,7 @@ def test_to_device_pins_and_copies_async_for_cuda(monkeypatch):
 
 def test_codec_actor_cpu_ignores_reduced_precision_and_refuses_cuda_without_gpu():
     from pipeline.codec import load
-    from pipeline.encode import CodecActor, _row
+    from pipeline.encode.stages import CodecActor, _row
     import ray
     was_up = ray.is_initialized()
     c = load("mdct_rvq")

@@ -230,11 +230,12 @@ def test_server_restart_mid_encode(ray_s3, devs3, s3_prefix, tmp_path):
 
 def test_object_deleted_after_listing_is_recorded_failed(ray_s3, s3_prefix, tmp_path, monkeypatch):
     from pipeline import encode, storage
+    from pipeline.encode import job
     from pipeline.manifest import FAILED
     write_tones(str(tmp_path / "src"), 3, seconds=1.0)
     src, dest = f"{s3_prefix}/src", f"{s3_prefix}/arc"
     upload_tree(str(tmp_path / "src"), src)
-    real = encode._list_inputs
+    real = job._list_inputs
     gone = []
 
     def listing_then_delete(*a, **k):
@@ -243,7 +244,7 @@ def test_object_deleted_after_listing_is_recorded_failed(ray_s3, s3_prefix, tmp_
                 storage.remove(obj.uri)
                 gone.append(obj.uri)
             yield obj
-    monkeypatch.setattr(encode, "_list_inputs", listing_then_delete)
+    monkeypatch.setattr(job, "_list_inputs", listing_then_delete)
     s = encode.run_encode(_cfg(src, dest, commit_every=5))
     assert (s.files_total, s.files_archived, s.files_failed) == (3, 2, 1)
     assert s.failures[0]["source"] == gone[0] and "no such object" in s.failures[0]["reason"]

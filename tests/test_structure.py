@@ -67,4 +67,4 @@ def test_the_library_has_no_import_circles():
 
 def test_the_graph_sees_real_imports():
     g = import_graph()  # the check above is only worth something if edges are found
-    assert "pipeline.archive" in g["pipeline.encode"] and "pipeline.storage" in g["pipeline.archive.shards"]
+    assert "pipeline.archive" in g["pipeline.encode.job"] and "pipeline.encode.job" in g["pipeline.encode"] and "pipeline.storage" in g["pipeline.archive.shards"]

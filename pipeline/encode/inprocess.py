@@ -14,6 +14,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from .stages import INFO, WINDOW
+
 _END = object()
 COLUMNS = ("kind", "file_id", "seq", "frame_start", "n_frames", "channels", "payload", "gains", "info")
 OBJECT_COLUMNS = ("kind", "payload", "gains", "info")
@@ -37,7 +39,7 @@ def default_threads(cores: int | None = None) -> tuple[int, int]:
 
 
 def to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    """Rows (``encode._row`` dicts) as the column batch Ray Data hands a ``map_batches`` callable."""
+    """Rows (``stages._row`` dicts) as the column batch Ray Data hands a ``map_batches`` callable."""
     out = {}
     for c in COLUMNS:
         vals = [r[c] for r in rows]
@@ -100,7 +102,7 @@ def stream(items: Iterable[dict], decode: Callable[[dict], Iterator[dict]],
                 ended += 1
                 continue
             pending.append(row)
-            if row["kind"] == "win":
+            if row["kind"] == WINDOW:
                 samples += len(row["payload"]) // 4
             if samples >= batch_samples or len(pending) >= max_rows or (q.empty() and _only_info(pending)):
                 yield encode(to_batch(pending))
@@ -117,4 +119,4 @@ def stream(items: Iterable[dict], decode: Callable[[dict], Iterator[dict]],
 
 def _only_info(rows: list[dict]) -> bool:
     """Nothing to encode yet: info rows only (failed or skipped files), which need not wait for a batch."""
-    return all(r["kind"] == "info" for r in rows)
+    return all(r["kind"] == INFO for r in rows)
