@@ -1,14 +1,21 @@
-"""The pipeline against a plain script, side by side in one run, and its fixed costs.
+"""The pipeline against a plain script, side by side in one run, its fixed costs, and its memory by file length.
 
-    python -m jobs.bench_throughput [--minutes 10] [--clips 2000] [--clip-seconds 0.5] [--gens-files 200]
+    python -m jobs.bench_throughput [--minutes 10 120] [--executors local ray] [--clips 10000]
+        [--clip-seconds 0.5 5] [--gens-files 200] [--memory-minutes 3 180 1440] [--skip long one gens clips memory]
 
-* A plain loop (soundfile decode -> soxr resample -> windows -> ``codec.encode`` with torch on every core) and
-  ``audioarc encode --quality-sample 0`` with its defaults, on the same synthetic music-like FLAC files
-  (``--minutes`` of audio in 1-3 minute files): x realtime each and their ratio.
-* A one-file job end to end (CLI in a fresh process, Ray start-up included).
+* A plain loop (soundfile decode -> soxr resample -> windows -> ``codec.encode`` with torch on every core; the
+  codec loaded before its clock starts) and ``audioarc encode --quality-sample 0`` (a fresh process: start-up,
+  codec load, listing, commits included) with each ``--executors`` (``local``: in-process, the default on one
+  machine; ``ray``: the Ray Data pipeline), on the same synthetic music-like FLAC files (``--minutes`` of audio in
+  1-3 minute files, 44.1 kHz mono): x realtime each and the ratio pipeline / loop.
+* A one-file job end to end (CLI in a fresh process).
 * The cost of a generation boundary: the same files with ``--commit-every`` 10 and 5000 (per boundary: the wall
   difference over the number of extra generations).
-* Small files: ``--clips`` clips of ``--clip-seconds`` at 1.5 kbps, files/s of the pipeline and of the loop.
+* Small files: ``--clips`` clips of each ``--clip-seconds`` at 1.5 kbps: files/s of the pipeline and of the loop,
+  and the pipeline's wall per file.
+* Memory: one input of each ``--memory-minutes`` (24 kHz mono FLAC), encoded alone; the peak private memory (USS:
+  Private_Clean + Private_Dirty of /proc/PID/smaps_rollup, sampled every 0.25 s) of every process of the job
+  (the CLI and, under Ray, its raylet and workers), the largest per process kind.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,12 +34,18 @@ import numpy as np
 import soundfile as sf
 
 
-def _synth(path: Path, seconds: float, rate: int, seed: int) -> None:
+def _synth(path: Path, seconds: float, rate: int, seed: int, block_s: float = 600.0) -> None:
+    """Music-like test audio (a gliding tone and noise), written in blocks: any length in bounded memory."""
     rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * rate)) / rate
-    x = 0.2 * np.sin(2 * np.pi * (220 + 110 * np.sin(0.1 * t + seed)) * t) + 0.05 * rng.standard_normal(t.size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), x.astype(np.float32), rate)
+    n = int(seconds * rate)
+    part = path.with_name(path.name + ".part")  # renamed into place when complete: a killed run leaves no half file
+    with sf.SoundFile(str(part), "w", rate, 1, format=path.suffix[1:].upper()) as f:
+        for start in range(0, n, int(block_s * rate)):
+            t = np.arange(start, min(n, start + int(block_s * rate))) / rate
+            x = 0.2 * np.sin(2 * np.pi * (220 + 110 * np.sin(0.1 * t + seed)) * t) + 0.05 * rng.standard_normal(t.size)
+            f.write(x.astype(np.float32))
+    os.replace(part, path)
 
 
 def plain_loop(files: list[Path], bitrate: float, threads: int) -> tuple[float, float]:
@@ -58,78 +72,157 @@ def plain_loop(files: list[Path], bitrate: float, threads: int) -> tuple[float, 
     return secs, time.perf_counter() - t
 
 
-def pipeline_run(src: Path, dest: Path, *extra: str) -> tuple[dict, float]:
+def _uss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return sum(int(ln.split()[1]) for ln in f if ln.startswith(("Private_Clean:", "Private_Dirty:")))
+    except OSError:
+        return 0
+
+
+def _tree(root: int) -> dict[int, str]:
+    """pid -> command name of ``root`` and all its descendants."""
+    parent, name = {}, {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                s = f.read()
+            name[int(d)] = s[s.index("(") + 1:s.rindex(")")]
+            parent[int(d)] = int(s[s.rindex(")") + 2:].split()[1])
+        except (OSError, ValueError):
+            continue
+    out, todo = {}, [root]
+    while todo:
+        p = todo.pop()
+        if p in name:
+            out[p] = name[p]
+            todo += [c for c, pp in parent.items() if pp == p]
+    return out
+
+
+class UssMonitor:
+    """Peak USS per process kind (command name) of a process tree, sampled in a thread."""
+
+    def __init__(self, pid: int, every: float = 0.25):
+        self.pid, self.every, self.peak = pid, every, {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop.is_set():
+            for p, n in _tree(self.pid).items():
+                kind = "driver" if p == self.pid else n
+                self.peak[kind] = max(self.peak.get(kind, 0), _uss_kib(p))
+            self.stop.wait(self.every)
+
+    def finish(self) -> dict[str, float]:
+        self.stop.set()
+        self.thread.join()
+        return {k: round(v / 1024, 1) for k, v in sorted(self.peak.items(), key=lambda kv: -kv[1]) if v > 20 * 1024}
+
+
+def pipeline_run(src: Path, dest: Path, *extra: str, uss: bool = False) -> tuple[dict, float, dict | None]:
     shutil.rmtree(dest, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "encode", str(src), str(dest), "--quality-sample", "0",
-                        "--json", *extra], capture_output=True, text=True)
+    p = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "encode", str(src), str(dest), "--quality-sample",
+                          "0", "--json", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    mon = UssMonitor(p.pid) if uss else None
+    out, err = p.communicate()
     wall = time.perf_counter() - t
+    peaks = mon.finish() if mon else None
     if p.returncode != 0:
-        raise RuntimeError(p.stderr[-3000:])
-    return json.loads(p.stdout), wall
+        raise RuntimeError(err[-3000:])
+    return json.loads(out), wall, peaks
+
+
+def _corpus(src: Path, minutes: float) -> list[Path]:
+    left, i = minutes * 60, 0
+    while left > 0:
+        secs = min(left, 60 + 60 * (i % 3))
+        p = src / f"t{i:03d}.flac"
+        if not p.exists():
+            _synth(p, secs, 44100, i)
+        left -= secs
+        i += 1
+    return sorted(src.glob("*.flac"))[:i]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--minutes", type=float, nargs="+", default=[10.0])
+    ap.add_argument("--executors", nargs="+", default=["local", "ray"], choices=["local", "ray"])
     ap.add_argument("--clips", type=int, default=2000)
-    ap.add_argument("--clip-seconds", type=float, default=0.5)
+    ap.add_argument("--clip-seconds", type=float, nargs="+", default=[0.5])
     ap.add_argument("--gens-files", type=int, default=200)
+    ap.add_argument("--memory-minutes", type=float, nargs="+", default=[3.0, 180.0])
     ap.add_argument("--work", default=None)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["long", "one", "gens", "clips"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["long", "one", "gens", "clips", "memory"])
     args = ap.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-throughput-"))
-    threads = os.cpu_count() or 1
+    threads = len(os.sched_getaffinity(0))
     out: dict = {"cpus": threads}
+
+    def say(key, value):
+        out[key] = value
+        print(json.dumps({key: value}), flush=True)
+
     if "long" not in args.skip:
-        src = work / "music"
-        left, i = args.minutes * 60, 0
-        while left > 0:
-            secs = min(left, 60 + 60 * (i % 3))
-            p = src / f"t{i:03d}.flac"
-            if not p.exists():
-                _synth(p, secs, 44100, i)
-            left -= secs
-            i += 1
-        files = sorted(src.glob("*.flac"))
-        s, wall = pipeline_run(src, work / "arc-music")
-        a, w = plain_loop(files, 6.0, threads)
-        out["long"] = {"audio_minutes": round(a / 60, 1), "pipeline_x": round(s["audio_seconds"] / wall, 1),
-                       "pipeline_wall_s": round(wall, 1), "loop_x": round(a / w, 1), "loop_wall_s": round(w, 1),
-                       "ratio": round((s["audio_seconds"] / wall) / (a / w), 2)}
-        print(json.dumps({"long": out["long"]}), flush=True)
+        for minutes in args.minutes:
+            files = _corpus(work / f"music-{minutes:g}", minutes)
+            a, w = plain_loop(files, 6.0, threads)
+            row = {"audio_minutes": round(a / 60, 1), "loop_x": round(a / w, 1), "loop_wall_s": round(w, 1)}
+            for ex in args.executors:
+                s, wall, _ = pipeline_run(work / f"music-{minutes:g}", work / "arc-music", "--executor", ex)
+                row[f"{ex}_x"] = round(s["audio_seconds"] / wall, 1)
+                row[f"{ex}_wall_s"] = round(wall, 1)
+                row[f"{ex}_ratio"] = round((s["audio_seconds"] / wall) / (a / w), 2)
+            say(f"long_{minutes:g}min", row)
     if "one" not in args.skip:
         one = work / "one"
         _synth(one / "x.flac", 30, 44100, 0)
-        _, wall = pipeline_run(one, work / "arc-one")
-        out["one_file_job_s"] = round(wall, 1)
-        print(json.dumps({"one_file_job_s": out["one_file_job_s"]}), flush=True)
+        say("one_file_job_s", {ex: round(pipeline_run(one, work / "arc-one", "--executor", ex)[1], 1)
+                               for ex in args.executors})
     if "gens" not in args.skip:
         g = work / "gens"
         for k in range(args.gens_files):
             p = g / f"g{k:04d}.wav"
             if not p.exists():
                 _synth(p, 2.0, 16000, k)
-        s_small, w_small = pipeline_run(g, work / "arc-gens", "--commit-every", "10")
-        s_big, w_big = pipeline_run(g, work / "arc-gens", "--commit-every", "5000")
+        _, w_small, _ = pipeline_run(g, work / "arc-gens", "--commit-every", "10")
+        _, w_big, _ = pipeline_run(g, work / "arc-gens", "--commit-every", "5000")
         extra = -(-args.gens_files // 10) - 1
-        out["generation_boundary_s"] = round((w_small - w_big) / max(1, extra), 3)
-        out["commit_every_10_wall_s"], out["commit_every_5000_wall_s"] = round(w_small, 1), round(w_big, 1)
-        print(json.dumps({k: out[k] for k in ("generation_boundary_s", "commit_every_10_wall_s",
-                                              "commit_every_5000_wall_s")}), flush=True)
+        say("generations", {"files": args.gens_files, "commit_every_10_wall_s": round(w_small, 2),
+                            "commit_every_5000_wall_s": round(w_big, 2),
+                            "per_boundary_s": round((w_small - w_big) / max(1, extra), 3)})
     if "clips" not in args.skip:
-        c = work / f"clips-{args.clip_seconds:g}"
-        for k in range(args.clips):
-            p = c / f"d{k // 1000:02d}" / f"c{k:05d}.wav"
-            if not p.exists():
-                _synth(p, args.clip_seconds, 16000, k)
-        files = sorted(c.rglob("*.wav"))
-        s, wall = pipeline_run(c, work / "arc-clips", "--bitrate", "1.5")
-        _, w = plain_loop(files, 1.5, threads)
-        out["clips"] = {"clips": args.clips, "seconds_each": args.clip_seconds,
-                        "pipeline_files_s": round(s["files_archived"] / wall, 1), "loop_files_s": round(len(files) / w, 1),
-                        "pipeline_ms_per_file": round(1000 * wall / s["files_archived"], 2)}
-        print(json.dumps({"clips": out["clips"]}), flush=True)
+        for secs in args.clip_seconds:
+            c = work / f"clips-{secs:g}"
+            for k in range(args.clips):
+                p = c / f"d{k // 1000:02d}" / f"c{k:05d}.wav"
+                if not p.exists():
+                    _synth(p, secs, 16000, k)
+            files = sorted(c.rglob("*.wav"))[: args.clips]
+            _, w = plain_loop(files, 1.5, threads)
+            s, wall, _ = pipeline_run(c, work / "arc-clips", "--bitrate", "1.5")
+            say(f"clips_{secs:g}s", {"clips": len(files), "pipeline_files_s": round(s["files_archived"] / wall, 1),
+                                     "loop_files_s": round(len(files) / w, 1),
+                                     "pipeline_ms_per_file": round(1000 * wall / s["files_archived"], 2),
+                                     "ratio": round((s["files_archived"] / wall) / (len(files) / w), 2)})
+    if "memory" not in args.skip:
+        for minutes in args.memory_minutes:
+            m = work / f"mem-{minutes:g}"
+            if not (m / "long.flac").exists():
+                _synth(m / "long.flac", minutes * 60, 24000, 7)
+            row = {}
+            for ex in args.executors:
+                s, wall, peaks = pipeline_run(m, work / "arc-mem", "--executor", ex, uss=True)
+                row[ex] = {"wall_s": round(wall, 1), "x": round(s["audio_seconds"] / wall, 1), "uss_mib": peaks}
+            say(f"memory_{minutes:g}min", row)
+            shutil.rmtree(work / "arc-mem", ignore_errors=True)
     print(json.dumps(out, indent=2))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)

@@ -47,6 +47,12 @@ def test_local_executor_writes_the_archive_the_ray_pipeline_writes(cli, tmp_path
     b = cli.json("encode", src, tmp_path / "ray", "--executor", "ray", "--quality-sample", "0", expect=3)
     assert a["placement"]["executor"] == "local" and b["placement"]["executor"] == "ray"
     assert a["placement"]["threads"] >= 1
+    for s in (a, b):  # where the time went, by stage, whichever executor ran them
+        st = s["stage_seconds"]
+        assert set(st) == {"fetch", "decode", "resample", "windowing", "codec_forward", "packing",
+                           "listing_and_planning", "shard_write", "commit", "quality", "idle", "wall"}
+        assert all(v >= 0 for v in st.values()) and st["codec_forward"] > 0 and st["decode"] > 0
+        assert st["codec_forward"] < st["wall"] and st["commit"] > 0
     for s in (a, b):
         assert (s["files_total"], s["files_archived"], s["files_failed"]) == (5, 4, 1)
         assert [f["source"].endswith("broken.wav") for f in s["failures"]] == [True]
@@ -128,7 +134,7 @@ def _rows(fid: int, windows: int, samples: int):
 
 
 def test_stream_is_bounded_in_memory_and_keeps_every_row():
-    """A 'file' of 400 windows passes through while at most the queue and one batch are held at once."""
+    """A 'file' of 400 windows passes through while at most the buffer and one batch are held at once."""
     from pipeline.encode import inprocess
     made = [0]
     lock = threading.Lock()
@@ -148,7 +154,8 @@ def test_stream_is_bounded_in_memory_and_keeps_every_row():
         return batch
 
     items = [{"file_id": 1, "windows": 400}, {"file_id": 2, "windows": 3}, {"file_id": 3, "windows": 0}]
-    out = list(inprocess.stream(items, decode, encode, batch_samples=4000, decoders=2, queue_rows=8))
+    # 4000-byte windows: a buffer of 8 windows' bytes, batches of 4 windows
+    out = list(inprocess.stream(items, decode, encode, batch_samples=4000, decoders=2, queue_bytes=8 * 4000))
     kinds = [k for b in out for k in b["kind"]]
     fids = [int(f) for b in out for f, k in zip(b["file_id"], b["kind"]) if k == "info"]
     assert len(kinds) == made[0] == 400 + 3 + 3 and sorted(fids) == [1, 2, 3]

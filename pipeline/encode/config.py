@@ -106,6 +106,7 @@ class EncodeSummary:
     quality: dict | None = None  # sampled fidelity: summary, gate violations, table and report URLs
     job_id: str = ""  # the job_id label of this run's metrics
     placement: dict | None = None  # codec actor plan + per node {actors, windows, seconds} that really ran
+    stage_seconds: dict | None = None  # where the time went (job.STAGES; stages overlap: they do not sum to wall)
 
     def to_json(self) -> dict:
         return asdict(self)

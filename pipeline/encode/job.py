@@ -145,6 +145,9 @@ def _encode_waves(cfg, job_id, dm, on_progress, t0, inputs, record, crec, n_q, g
     counts = {"files": 0, "unchanged": 0, "unchanged_s": 0.0}
     generations: set[int] = set()
     em = metrics.Emitter(job_tags)
+    clock = time.perf_counter
+    spent = dict.fromkeys(DRIVER_STAGES, 0.0)  # the driver's own time by stage
+    decoded = dict.fromkeys(DECODE_STAGES, 0.0)  # summed over decode tasks (from each file's info row)
 
     def report() -> None:
         if not (on_progress or dm is not None):
@@ -157,9 +160,16 @@ def _encode_waves(cfg, job_id, dm, on_progress, t0, inputs, record, crec, n_q, g
             dm.progress(f, counts["files"], s, rt.ask("actors", {}))
 
     def planned():  # inputs to decode; unchanged ones are accounted as they are seen
-        for wave in _batches(inputs, LOOKUP_BATCH):
+        waves = _batches(inputs, LOOKUP_BATCH)
+        while True:
+            t = clock()
+            wave = next(waves, None)
+            if wave is None:
+                spent["listing_and_planning"] += clock() - t
+                return
             counts["files"] += len(wave)
             items, unchanged, prev = _plan_wave(cfg, current, wave)
+            spent["listing_and_planning"] += clock() - t
             for e in unchanged:
                 totals.add(e, skipped=True)
                 counts["unchanged"] += 1
@@ -199,7 +209,14 @@ def _encode_waves(cfg, job_id, dm, on_progress, t0, inputs, record, crec, n_q, g
             asm.expect(it)
         rows = [{k: it[k] for k in ("source", "file_id", "size", "prev_hash")} for it in chunk]
         last = time.monotonic()
-        for batch in rt.stream(rows, geom, window_frames, job_tags, crec, actor_weights, n_q):
+        stream = iter(rt.stream(rows, geom, window_frames, job_tags, crec, actor_weights, n_q))
+        while True:
+            t = clock()
+            batch = next(stream, None)
+            spent["waiting_for_codes"] += clock() - t
+            if batch is None:
+                break
+            t = clock()
             kinds = batch["kind"]
             written = 0
             for i in range(len(kinds)):
@@ -213,21 +230,31 @@ def _encode_waves(cfg, job_id, dm, on_progress, t0, inputs, record, crec, n_q, g
                                          "n_q": crec.n_q, "codes": codes, "gains": gains})
                     written += len(codes) + len(gains or b"")
                 else:
-                    asm.add_info(fid, FileInfo.from_json(batch["info"][i]))
+                    info = FileInfo.from_json(batch["info"][i])
+                    for k, v in info.stage_s.items():
+                        decoded[k] = decoded.get(k, 0.0) + v
+                    asm.add_info(fid, info)
             em.inc("audioarc_bytes_written", written)
+            spent["shard_write"] += clock() - t
             if asm.pending() >= cfg.commit_every:
+                t = clock()
                 committed(asm.commit())
+                spent["commit"] += clock() - t
             if time.monotonic() - last > 0.5:
                 report()
                 last = time.monotonic()
+        t = clock()
         committed(asm.commit(lost=True))  # the chunk is through: its last files, and any the stream lost
+        spent["commit"] += clock() - t
         report()
     quality_result = None
     if sampler:
         left = list(sampler.leftovers())
         q_futures += [rt.quality(cfg.dest, record, e, q, cfg.codec_weights) for e in left]
         if q_futures:
+            t = clock()
             rows = rt.gather(q_futures)
+            spent["quality"] += clock() - t
             quality_result = quality_mod.finish(cfg.dest, job_id, rows, q, {
                 "archive": cfg.dest, "codec": crec.name, "checkpoint": crec.checkpoint_hash,
                 "bitrate_kbps": crec.kbps_per_channel,
@@ -236,6 +263,7 @@ def _encode_waves(cfg, job_id, dm, on_progress, t0, inputs, record, crec, n_q, g
                 files_archived=totals.archived - totals.skipped)  # the files this run encoded: the sample's population
     summary = summarize(cfg, crec, totals, time.time() - t0)
     summary.placement = rt.placement()
+    summary.stage_seconds = stage_seconds(executor, decoded, rt.ask("stages", {}), spent, time.time() - t0)
     if quality_result is not None:
         if dm is not None:
             dm.quality(quality_result.summary)
@@ -245,6 +273,25 @@ def _encode_waves(cfg, job_id, dm, on_progress, t0, inputs, record, crec, n_q, g
     summary.report = storage.join(cfg.dest, "reports", f"encode-{job_id}.json")
     storage.write_bytes(summary.report, (json.dumps(summary.to_json(), indent=2) + "\n").encode())
     return summary
+
+
+DECODE_STAGES = ("fetch", "decode", "resample", "windowing")  # in decode tasks / threads, summed over files
+CODEC_STAGES = ("codec_forward", "packing")  # in codec actors, summed
+DRIVER_STAGES = ("listing_and_planning", "waiting_for_codes", "shard_write", "commit", "quality")
+
+
+def stage_seconds(executor: str, decoded: dict, codec: dict, driver: dict, wall: float) -> dict[str, float]:
+    """Where a job's time went: decode-side stages summed over files, codec stages summed over actors, the driver's
+    own stages, and ``idle``: in-process, the time the codec thread waited for decoded windows (its wait minus its
+    forward passes and packing); under Ray, the driver's wait for codes. Stages run at once in different threads or
+    processes, so they do not add up to ``wall``."""
+    out = {k: decoded.get(k, 0.0) for k in DECODE_STAGES}
+    out.update({k: codec.get(k, 0.0) for k in CODEC_STAGES})
+    out.update({k: driver.get(k, 0.0) for k in DRIVER_STAGES})
+    wait = out.pop("waiting_for_codes")
+    out["idle"] = max(0.0, wait - out["codec_forward"] - out["packing"]) if executor == "local" else wait
+    out["wall"] = wall
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 @dataclass

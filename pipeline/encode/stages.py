@@ -5,7 +5,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator
 
 import numpy as np
@@ -45,6 +45,7 @@ class FileInfo:
     codec_samples: int = 0
     codec_frames: int = 0
     n_windows: int = 0
+    stage_s: dict = field(default_factory=dict)  # seconds in fetch (open, download, hash), decode, resample, windowing
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -74,8 +75,12 @@ def decode_file(item: dict, geom: CodecGeometry, window_frames: int, block_frame
     info = FileInfo(source=uri, size=item["size"])
     em, t0 = metrics.Emitter(job_tags), time.perf_counter()
     em.inc("audioarc_files_in", stage="decode")
+    st = dict.fromkeys(("fetch", "decode", "resample", "windowing"), 0.0)
+    clock = time.perf_counter
     try:
+        t = clock()
         with storage.open_input(uri) as (f, digest):
+            st["fetch"] += clock() - t
             info.content_hash = digest
             if isinstance(f, str):
                 info.size = os.path.getsize(f)
@@ -87,7 +92,9 @@ def decode_file(item: dict, geom: CodecGeometry, window_frames: int, block_frame
             if item["size"] == 0:
                 raise InputError(f"{uri}: empty file (0 bytes); remove it or replace it with the real recording",
                                  code="empty")
+            t = clock()
             ai = audio.probe(f, uri)
+            st["decode"] += clock() - t
             info.sample_rate, info.channels = ai.sample_rate, ai.channels
             cc = geom.channels  # channels per code stream: 1 = each channel its own stream
             if cc > 1 and ai.channels > cc:
@@ -104,16 +111,33 @@ def decode_file(item: dict, geom: CodecGeometry, window_frames: int, block_frame
                 for w in ws:
                     yield _row(WINDOW, fid, w.seq, w.start, w.stop - w.start, ai.channels * up, w.samples.tobytes())
 
-            def widen(block):
-                return np.repeat(block, up, axis=0) if up > 1 else block
+            def cut(block):  # resampled samples -> whole windows (timed; the yields in between are not)
+                t1 = clock()
+                if up > 1:
+                    block = np.repeat(block, up, axis=0)
+                ws = list(win.push(block)) if block is not None else list(win.finish())
+                st["windowing"] += clock() - t1
+                return ws
 
-            for block in audio.read_blocks(f, uri, block_frames):
+            def resample(block):
+                t1 = clock()
+                out = res.process(block) if block is not None else res.flush()
+                st["resample"] += clock() - t1
+                return out
+
+            blocks = audio.read_blocks(f, uri, block_frames)
+            while True:
+                t = clock()
+                block = next(blocks, None)
+                st["decode"] += clock() - t
+                if block is None:
+                    break
                 frames += block.shape[1]
-                yield from rows(win.push(widen(res.process(block))))
+                yield from rows(cut(resample(block)))
             if frames == 0:
                 raise InputError(f"{uri}: zero-length audio (the file has a header but no samples)", code="zero_length")
-            yield from rows(win.push(widen(res.flush())))
-            yield from rows(win.finish())
+            yield from rows(cut(resample(None)))
+            yield from rows(cut(None))
             info = replace(info, status=ARCHIVED, frames=frames, duration_s=frames / ai.sample_rate,
                            codec_samples=win.total, codec_frames=win.next_frame, n_windows=win.seq)
     except InputError as e:
@@ -122,6 +146,7 @@ def decode_file(item: dict, geom: CodecGeometry, window_frames: int, block_frame
         info.reason, info.reason_code = str(e), "storage"
     except Exception as e:  # noqa: BLE001 - anything else is recorded against the file, not fatal
         info.reason, info.reason_code = f"{uri}: unexpected {type(e).__name__} while decoding: {e}", "unexpected"
+    info.stage_s = {k: round(v, 6) for k, v in st.items()}
     if info.status == ARCHIVED:
         em.inc("audioarc_files_out", stage="decode")
         em.inc("audioarc_audio_seconds_out", info.duration_s, stage="decode")
@@ -171,17 +196,20 @@ class CodecActor:
         for i, k in enumerate(kinds):
             if k == WINDOW:
                 groups.setdefault(int(batch["n_frames"][i]), []).append(i)
-        seconds = 0.0
+        seconds = forward = pack = 0.0
         for n_frames, idx in groups.items():
             chans = [int(batch["channels"][i]) // cc for i in idx]  # code streams per window
             length = n_frames * self.hop + self.ctx
             x = np.concatenate([np.frombuffer(payload[i], np.float32).reshape(c, cc, length)
                                 for i, c in zip(idx, chans)])
+            t1 = time.perf_counter()
             with torch.inference_mode(), placement.autocast(self.device, self.precision):
                 wav = placement.to_device(x, self.device)  # [streams, cc, length]
                 codes, gains = self.codec.encode_with_gains(wav, self.n_q)
                 codes = codes.cpu().numpy()
                 gains = None if gains is None else gains.float().cpu().numpy()
+            t2 = time.perf_counter()
+            forward += t2 - t1
             off = 0
             for i, c in zip(idx, chans):
                 payload[i] = archive.pack_codes(codes[off:off + c], self.bits)
@@ -189,12 +217,13 @@ class CodecActor:
                     gains_out[i] = archive.pack_gains(gains[off:off + c])
                 streams[i] = c
                 off += c
+            pack += time.perf_counter() - t2
             seconds += len(idx) * n_frames * self.hop / self.codec.sample_rate
         files = sum(1 for k in kinds if k == INFO)
         if self.progress is not None:  # a Ray actor handle, or a Progress in this process
             add = getattr(self.progress.add, "remote", self.progress.add)
             add(files=files, seconds=seconds, node=self.node_id, actor=self.actor_id,
-                windows=sum(len(v) for v in groups.values()))
+                windows=sum(len(v) for v in groups.values()), forward_s=forward, pack_s=pack)
         if self.em.on:  # per batch: a handful of metric updates
             n_win = len(kinds) - files
             self.em.inc("audioarc_audio_seconds_in", seconds, stage="encode")
@@ -223,11 +252,14 @@ class Progress:
         self.seconds = 0.0
         self.beats: dict[str, float] = {}  # codec actor -> last report (unix time)
         self.nodes: dict[str, dict] = {}  # node id -> {"actors": set, "windows": n, "seconds": s}
+        self.stage_s = {"codec_forward": 0.0, "packing": 0.0}  # summed over the codec actors
 
     def add(self, files: int = 0, seconds: float = 0.0, node: str | None = None, actor: str | None = None,
-            windows: int = 0) -> None:
+            windows: int = 0, forward_s: float = 0.0, pack_s: float = 0.0) -> None:
         self.files += files
         self.seconds += seconds
+        self.stage_s["codec_forward"] += forward_s
+        self.stage_s["packing"] += pack_s
         if actor:
             self.beats[actor] = time.time()
         if node is not None:
@@ -242,6 +274,9 @@ class Progress:
 
     def get(self) -> tuple[int, float]:
         return self.files, self.seconds
+
+    def stages(self) -> dict[str, float]:
+        return dict(self.stage_s)
 
     def actors(self) -> dict[str, float]:
         return dict(self.beats)
