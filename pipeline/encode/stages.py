@@ -113,7 +113,7 @@ def decode_file(item: dict, geom: CodecGeometry, window_frames: int, block_frame
 
             def cut(block):  # resampled samples -> whole windows (timed; the yields in between are not)
                 t1 = clock()
-                if up > 1:
+                if up > 1 and block is not None:  # a mono file coded as stereo (None: the end, flush the windower)
                     block = np.repeat(block, up, axis=0)
                 ws = list(win.push(block)) if block is not None else list(win.finish())
                 st["windowing"] += clock() - t1
