@@ -123,3 +123,14 @@ def open_writer(f: BinaryIO | str, rate: int, channels: int, fmt: str) -> sf.Sou
     if fmt == "flac" and rate > 655350:
         raise ValueError("FLAC cannot store this sample rate; use --format wav")
     return sf.SoundFile(f, mode="w", samplerate=rate, channels=channels, format=major, subtype=subtype)
+
+
+def pick_segment(x: np.ndarray, n: int) -> np.ndarray:
+    """The loudest of six evenly spaced ``n``-sample segments of ``x: [T]`` (the whole signal if shorter): the
+    excerpt codec evaluation and ``tune`` score."""
+    if len(x) <= n:
+        return x
+    starts = np.linspace(0, len(x) - n, 6).astype(int)
+    rms = [np.sqrt(np.mean(x[s:s + n] ** 2)) for s in starts]
+    s = starts[int(np.argmax(rms))]
+    return x[s:s + n]

@@ -342,13 +342,21 @@ def cmd_tune(args) -> int:
     return EXIT_OK
 
 
-JOB_COMMANDS = {"train": "jobs.train_codec", "codec-eval": "jobs.codec_eval"}
+JOB_COMMANDS = {"train": "jobs.train_codec", "codec-eval": "jobs.tools.codec_eval"}
 
 
 def cmd_job(command: str, job_args: list[str]) -> int:
     """``audioarc train`` / ``audioarc codec-eval``: the job entrypoints, with their own options."""
     import importlib
-    rc = importlib.import_module(JOB_COMMANDS[command]).main(job_args)
+    try:
+        mod = importlib.import_module(JOB_COMMANDS[command])
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("jobs"):
+            raise
+        from .errors import ConfigError
+        raise ConfigError(f"`audioarc {command}` runs {JOB_COMMANDS[command]}, which is part of a source checkout, "
+                          f"not of the installed package; run it from a clone of audioarc") from None
+    rc = mod.main(job_args)
     return rc if isinstance(rc, int) else EXIT_OK
 
 
@@ -386,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-actors", type=int, help="autoscaling codec actor pool: most actors (default "
                    "--actors, else 1 per GPU slot or 1 per CPU)")
     e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="GPU autocast precision (CPU always fp32); check fidelity with jobs/bench_codec.py")
+                   help="GPU autocast precision (CPU always fp32); check fidelity with jobs/bench/bench_codec.py")
     e.add_argument("--commit-every", type=int, default=500, help="files per committed generation")
     e.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MiB")
     e.add_argument("--address", help="Ray cluster: http://HEAD:8265 submits this command as a Ray job; "
@@ -541,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # listed for --help; main() hands their arguments to the job entrypoints untouched
     sub.add_parser("train", help="train the neural codec (jobs/train_codec.py; `audioarc train --help`)")
-    sub.add_parser("codec-eval", help="evaluate codecs vs Opus/MP3 (jobs/codec_eval.py; `audioarc codec-eval --help`)")
+    sub.add_parser("codec-eval", help="evaluate codecs vs Opus/MP3 (jobs/tools/codec_eval.py; `audioarc codec-eval --help`)")
 
     d = sub.add_parser("demo", help="set up a small real corpus and archive it (the README's first command)")
     d.add_argument("--workdir", default="out/demo")

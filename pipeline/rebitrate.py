@@ -5,7 +5,7 @@ rate B. No codec forward pass: code rows are read (checked), sliced, packed agai
 2.0 archive at NEW_DEST through the archive API; a re-run skips files NEW_DEST holds with the same content hash.
 Not done: lowering the rate of selected files in place (the format fixes one ``n_q`` per archive). A rung whose
 encoder searches stages jointly (neural_rvq's 1.5 kbps pair search) differs from a plain prefix of a higher rate
-(``jobs/bench_rebitrate.py`` measures it).
+(``jobs/bench/bench_rebitrate.py`` measures it).
 """
 from __future__ import annotations
 

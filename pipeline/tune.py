@@ -199,10 +199,8 @@ def trainer_argv(cfg: TuneConfig, data_dir: Path, work: Path, candidate: Path) -
 
 # -- evaluation on the held-out part -----------------------------------------------------------------------------
 def load_heldout(held: list[tuple[str, object]], seconds: float, log=print) -> list[dict]:
-    """Each held-out file's loudest ``seconds`` (``jobs.codec_eval.pick_segment``) at 24 kHz mono, peak at most
+    """Each held-out file's loudest ``seconds`` (``audio.pick_segment``) at 24 kHz mono, peak at most
     0.99, and whether it is speech-like (STOI is scored on those); silent or unreadable files are skipped."""
-    from jobs.codec_eval import pick_segment
-
     from . import audio, quality, storage
     refs = []
     for rel, obj in held:
@@ -212,7 +210,7 @@ def load_heldout(held: list[tuple[str, object]], seconds: float, log=print) -> l
         except Exception as e:  # noqa: BLE001 - a broken file is skipped, not fatal
             log(f"tune: skip held-out {rel}: {e}")
             continue
-        seg = pick_segment(x[0], int(seconds * RATE)).astype(np.float32)
+        seg = audio.pick_segment(x[0], int(seconds * RATE)).astype(np.float32)
         if len(seg) < RATE // 4 or np.sqrt(np.mean(seg ** 2)) < 1e-3:
             log(f"tune: skip held-out {rel}: silent or shorter than 0.25 s")
             continue

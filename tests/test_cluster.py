@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.loopback_cluster import HEAD_IP, RAY, LoopbackCluster
+from jobs.tools.loopback_cluster import HEAD_IP, RAY, LoopbackCluster
 from tests import audio_factory as af
 
 pytest.importorskip("aiohttp_cors", reason="the job server needs ray[default] (pip install -e .[test])")

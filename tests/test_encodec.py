@@ -22,7 +22,7 @@ if importlib.util.find_spec("encodec") is None:
 
 from pipeline.codec import encodec_adapter as ea  # noqa: E402
 
-# measured with jobs/encodec_context.py (random weights, 1 s context each side): windowed vs whole-signal
+# measured with jobs/tools/encodec_context.py (random weights, 1 s context each side): windowed vs whole-signal
 SEAM_DECODE_REL = 1e-4  # max |difference| / output RMS, any sample (measured < 1e-5)
 SEAM_CODES_DIFF = 0.005  # fraction of codes that differ (near-tie flips; measured <= 0.0003)
 

@@ -771,8 +771,8 @@ def test_visqol_ranks_noise():
 
 
 def test_eval_job_runs(tmp_path):
-    from jobs import codec_eval
-    from jobs.bench_codec import speechlike
+    from jobs.tools import codec_eval
+    from jobs.bench.bench_codec import speechlike
     d = _audio_dir(tmp_path)
     (d / "klettres-data").mkdir()  # a folder named after a speech package: scored as speech (STOI)
     sf.write(d / "klettres-data" / "voice.wav", speechlike(2.0, RATE), RATE)
@@ -837,7 +837,7 @@ def test_shipped_weights_roundtrip(shipped):
 def test_fp32_codes_agree_across_thread_counts_and_with_float64_except_at_rare_ties(shipped):
     """The README's promise: codes of the same audio do not depend on how the machine sums (thread count;
     float64 stands for any other exact-enough arithmetic, e.g. a GPU in strict fp32) except at near-ties."""
-    from jobs.bench_codec import speechlike, agreement
+    from jobs.bench.bench_codec import speechlike, agreement
     clip = speechlike(3.0, RATE)
     threads = torch.get_num_threads()
     rows = agreement(shipped, [("speechlike", clip)], (2, 16), threads=2, device="cpu")

@@ -1,4 +1,5 @@
-"""The house rules that keep the layout legible: no import circles between the library's modules."""
+"""The house rules that keep the layout legible: no import circles between the library's modules, and the library
+never needs a benchmark or a research tool."""
 from __future__ import annotations
 
 import ast
@@ -68,3 +69,45 @@ def test_the_library_has_no_import_circles():
 def test_the_graph_sees_real_imports():
     g = import_graph()  # the check above is only worth something if edges are found
     assert "pipeline.archive" in g["pipeline.encode.job"] and "pipeline.encode.job" in g["pipeline.encode"] and "pipeline.storage" in g["pipeline.archive.shards"]
+
+
+def _imported_names(path: Path) -> set[str]:
+    """Absolute module names ``path`` imports, plus string literals passed to ``importlib.import_module``."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module":
+            out |= {a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)}
+        elif isinstance(node, ast.Dict):  # e.g. JOB_COMMANDS: command -> module run by import_module
+            out |= {v.value for v in node.values if isinstance(v, ast.Constant) and isinstance(v.value, str)
+                    and v.value.startswith("jobs.")}
+    return out
+
+
+def test_the_library_never_imports_benchmarks_or_tools():
+    """Benchmarks (jobs/bench) and tools (jobs/tools) are not installed: the library must not need them, except
+    the one CLI command that runs the codec evaluation tool from a checkout (and says so when it is absent)."""
+    allowed = {("pipeline/cli.py", "jobs.tools.codec_eval")}
+    bad = []
+    for p in sorted(PKG.rglob("*.py")):
+        rel = str(p.relative_to(PKG.parent))
+        for name in _imported_names(p):
+            if name.startswith(("jobs.bench", "jobs.tools")) and (rel, name) not in allowed:
+                bad.append(f"{rel} imports {name}")
+    assert not bad, bad
+    assert ("pipeline/cli.py", "jobs.tools.codec_eval") in {
+        (str(p.relative_to(PKG.parent)), n) for p in [PKG / "cli.py"] for n in _imported_names(p)}  # the check sees it
+
+
+def test_benchmarks_and_tools_are_not_installed():
+    import tomllib
+    cfg = tomllib.loads((PKG.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert "jobs.bench*" in cfg["exclude"] and "jobs.tools*" in cfg["exclude"]
+    from setuptools import find_packages
+    found = find_packages(str(PKG.parent), include=cfg["include"], exclude=cfg["exclude"])
+    assert "pipeline.encode" in found and "jobs" in found
+    assert not [f for f in found if f.startswith(("jobs.bench", "jobs.tools"))]

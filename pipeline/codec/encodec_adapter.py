@@ -15,7 +15,7 @@ on the left only), so no right context is needed and a file costs exactly ``ceil
 frames, as in EnCodec itself. Memory is bounded by the window (30 s by default) whatever the file
 length; a file of any length is cut into windows by ``windows.Windower`` and joined by ``Joiner``.
 
-The contexts were chosen by measurement (``python -m jobs.encodec_context``: random weights of the
+The contexts were chosen by measurement (``python -m jobs.tools.encodec_context``: random weights of the
 real architecture with codebooks initialised from its latents, two seeds, 20 s of chirp + tone +
 noise, 2 s windows vs one window; table in ``pipeline/codec/weights/encodec.md``): from 0.5 s of
 context on, the windowed encoder's latents agree with whole-signal encoding to float rounding

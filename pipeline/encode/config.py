@@ -31,7 +31,7 @@ class EncodeConfig:
     batch_seconds: float | None = None  # the same in seconds of audio (whole windows, at least one)
     min_actors: int | None = None  # autoscaling pool bounds (ActorPoolStrategy); default: --actors or 1
     max_actors: int | None = None  # ... default: --actors, else 1 per GPU slot or 1 per CPU
-    precision: str = "fp32"  # GPU autocast: fp32 | bf16 | fp16 (check fidelity first: jobs/bench_codec.py)
+    precision: str = "fp32"  # GPU autocast: fp32 | bf16 | fp16 (check fidelity first: jobs/bench/bench_codec.py)
     commit_every: int = 500  # files per committed generation (resume granularity)
     shard_mb: float = 64.0  # target shard size: rows are bundled into write tasks of about this much
     address: str | None = None

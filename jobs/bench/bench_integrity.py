@@ -1,6 +1,6 @@
 """What integrity costs: shard write and read throughput with and without checksums, and ``verify`` speed.
 
-    python -m jobs.bench_integrity [--files 2000] [--seconds 30] [--work DIR]
+    python -m jobs.bench.bench_integrity [--files 2000] [--seconds 30] [--work DIR]
 
 Measured side by side in one run on the same random codes (6 kbps neural_rvq geometry, 30 s windows):
 

@@ -9,7 +9,7 @@ Prints:
   4. driver memory (tracemalloc peak) while streaming input lists of 10k/50k/100k synthetic keys in waves
      of --commit-every, the way the encode job consumes them.
 
-    PYTHONPATH=. python jobs/bench_s3.py [--files 12] [--archive-files 2000] [--keys 10000,50000,100000]
+    PYTHONPATH=. python jobs/bench/bench_s3.py [--files 12] [--archive-files 2000] [--keys 10000,50000,100000]
 """
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     ap.add_argument("--keys", default="10000,50000,100000", help="input-list sizes for the memory test")
     ap.add_argument("--skip-encode", action="store_true")
     args = ap.parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     from pipeline.devs3 import DevS3
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="audioarc-bench-") as work:

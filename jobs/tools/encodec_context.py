@@ -1,7 +1,7 @@
 """How much LSTM context the windowed ``encodec_24khz`` adapter needs: windowed vs whole-signal coding.
 
-    python -m jobs.encodec_context [--seconds 20 --window 2 --contexts 0,0.25,0.5,1,2 --seeds 0,1]
-    python -m jobs.encodec_context --weights encodec_24khz-d7cc33bc.th   # check a real checkpoint
+    python -m jobs.tools.encodec_context [--seconds 20 --window 2 --contexts 0,0.25,0.5,1,2 --seeds 0,1]
+    python -m jobs.tools.encodec_context --weights encodec_24khz-d7cc33bc.th   # check a real checkpoint
 
 EnCodec's SEANet encoder and decoder hold LSTMs, so a code can depend on everything before it. For
 each context length (seconds, both encode and decode), this codes a probe signal (chirp + tone +

@@ -3,9 +3,9 @@ precision fidelity check (codes agreement + decoded SNR vs fp32); FLOPs per audi
 ``--agreement``, how often fp32 encodes of the same audio disagree across arithmetic (thread counts, float64,
 and CUDA when present) at every rung of the ladder: the "rare ties" of the nearest-codeword search.
 
-    python -m jobs.bench_codec [--seconds 10 --batches 1,8,64 --precision bf16]
-    python -m jobs.bench_codec --agreement [--agreement-files 20]      # held-out corpus audio
-    python -m jobs.bench_codec --codecs encodec_24khz --codec-weights encodec_24khz=encodec_24khz-d7cc33bc.th
+    python -m jobs.bench.bench_codec [--seconds 10 --batches 1,8,64 --precision bf16]
+    python -m jobs.bench.bench_codec --agreement [--agreement-files 20]      # held-out corpus audio
+    python -m jobs.bench.bench_codec --codecs encodec_24khz --codec-weights encodec_24khz=encodec_24khz-d7cc33bc.th
 
 Codecs that ship no weights (EnCodec) run only with ``--codec-weights NAME=PATH``.
 
@@ -118,12 +118,12 @@ class _Float64:
 
 
 def agreement_audio(n_files: int, seconds: float) -> list[tuple[str, np.ndarray]]:
-    """Held-out speech and music references of the Debian corpus (``jobs.codec_eval``'s draw) when the corpus
+    """Held-out speech and music references of the Debian corpus (``jobs.tools.codec_eval``'s draw) when the corpus
     is fetched, else the synthetic speech-like signal of ``fidelity`` (named so in the output)."""
     from pipeline import corpus
     root = corpus.default_cache()
     if root.exists() and any(corpus.audio_files(root)):
-        from jobs.codec_eval import load_references
+        from jobs.tools.codec_eval import load_references
         return [(f"{r['kind']}:{r['name']}", r["audio"]) for r in load_references(root, n_files, seconds, True)]
     return [("synthetic", speechlike(seconds, 24000))]
 

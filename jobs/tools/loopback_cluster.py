@@ -1,6 +1,6 @@
 """A real multi-node Ray cluster on one machine, loopback only (tests and benchmarks).
 
-    python -m jobs.loopback_cluster up      # prints the addresses; Ctrl-C tears it down
+    python -m jobs.tools.loopback_cluster up      # prints the addresses; Ctrl-C tears it down
 
 Head on 127.0.0.2, workers on 127.0.0.3, 127.0.0.4, ... (all of 127.0.0.0/8 reaches ``lo`` on Linux), each a
 separate raylet with its own object store, started with ``ray start`` and every port chosen free and bound to
@@ -109,7 +109,7 @@ class LoopbackCluster:
         self.env.pop("RAY_ADDRESS", None)
         self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), self.env.get("PATH", "")])
         # the cluster must get the code from the job's runtime env, not from this checkout on PYTHONPATH
-        root = str(Path(__file__).resolve().parent.parent)
+        root = str(Path(__file__).resolve().parents[2])
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in self.env.get("PYTHONPATH", "").split(os.pathsep)
                                                  if p and os.path.realpath(p) != root)
         used: set[int] = set()

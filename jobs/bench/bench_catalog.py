@@ -1,6 +1,6 @@
 """Catalog at library scale: synthetic catalogs of 10k-10M entries over a few real shards, measured in fresh processes.
 
-    python -m jobs.bench_catalog [--sizes 10000 100000 1000000 10000000] [--work DIR] [--noop-files 20000]
+    python -m jobs.bench.bench_catalog [--sizes 10000 100000 1000000 10000000] [--work DIR] [--noop-files 20000]
 
 Per size it prints: restore of one file by name (CLI in a fresh process, start-up included: wall and peak RSS),
 ``inspect``, the first row of ``ls --jsonl``, catalog bytes, and the cost of committing one more 500-file generation,

@@ -1,12 +1,12 @@
 """Encode throughput vs codec actors and vs nodes (prints JSON lines; not a test).
 
-    python -m jobs.bench_cluster [--files 8 --seconds 60 --parts ceiling,actors,nodes]
+    python -m jobs.bench.bench_cluster [--files 8 --seconds 60 --parts ceiling,actors,nodes]
 
 * actors: one local Ray node (this machine), the same corpus encoded with --actors 1 then 2 (warm driver,
   one generation, fixed pools); speedup = x_realtime(2) / x_realtime(1).
 * ceiling: the codec alone (no Ray) in 1 process, then in 2 processes at once; their summed speed over the
   single one is what this machine allows 2 actors at best (shared caches, memory bandwidth, VM neighbours).
-* nodes: a loopback cluster (jobs.loopback_cluster) with 1 node vs 2 nodes, the encode run as a driver
+* nodes: a loopback cluster (jobs.tools.loopback_cluster) with 1 node vs 2 nodes, the encode run as a driver
   subprocess (``python -m jobs.encode --address``), default actor count (1 per CPU of the cluster).
 Every line carries the 1-minute load average before/after, since the machine may be shared.
 """
@@ -58,11 +58,11 @@ def bench_actors(src: Path, work: Path, counts: list[int], window: float) -> lis
     return out
 
 
-CEILING_CHILD = "from jobs.bench_pipeline import codec_speed; print(codec_speed('neural_rvq', 8, seconds=60))"
+CEILING_CHILD = "from jobs.bench.bench_pipeline import codec_speed; print(codec_speed('neural_rvq', 8, seconds=60))"
 
 
 def bench_ceiling() -> dict:
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
 
     def run(n):
         ps = [subprocess.Popen([sys.executable, "-c", CEILING_CHILD], cwd=root, stdout=subprocess.PIPE, text=True)
@@ -77,11 +77,11 @@ def bench_ceiling() -> dict:
 
 
 def bench_nodes(src: Path, work: Path, window: float) -> list[dict]:
-    from jobs.loopback_cluster import LoopbackCluster
+    from jobs.tools.loopback_cluster import LoopbackCluster
     out = []
     for workers in (0, 1):
         with LoopbackCluster(workers=workers, cpus_per_node=2) as c:
-            env = dict(c.env, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+            env = dict(c.env, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                           c.env.get("PYTHONPATH", "")]))
             for rep in ("warm", "run"):
                 l0 = load()

@@ -1,6 +1,6 @@
 """Speed and memory of the EnCodec adapters on this machine's CPU.
 
-    python -m jobs.bench_encodec [--codec encodec_24khz --weights PATH --kbps 6 --threads 1 --minutes 10]
+    python -m jobs.bench.bench_encodec [--codec encodec_24khz --weights PATH --kbps 6 --threads 1 --minutes 10]
 
 * speed: x realtime of encode and decode through the windowed helpers (``encode_array`` /
   ``decode_array``, 30 s windows as the pipeline uses), on ``--seconds`` of chirp + tone + noise;
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(speed(_codec(a.codec, a.weights), a.kbps, a.seconds)), flush=True)
     runs = [("stream", m) for m in sorted({min(1.0, a.minutes), a.minutes})] + [("helpers", a.minutes)]
     for mode, minutes in runs:
-        cmd = [sys.executable, "-m", "jobs.bench_encodec", "--memory-child", mode, "--codec", a.codec,
+        cmd = [sys.executable, "-m", "jobs.bench.bench_encodec", "--memory-child", mode, "--codec", a.codec,
                "--kbps", str(a.kbps), "--threads", str(a.threads), "--minutes", str(minutes)]
         if a.weights:
             cmd += ["--weights", a.weights]

@@ -1,6 +1,6 @@
 """What ``audioarc tune`` buys on narrow libraries the release never saw.
 
-    python -m jobs.bench_tune [--minutes 12] [--libraries speech-en music-fillets] [--threads 1] [--work DIR]
+    python -m jobs.bench.bench_tune [--minutes 12] [--libraries speech-en music-fillets] [--threads 1] [--work DIR]
 
 Two libraries are built from Debian's ``fillets-ng-data`` (the release trained on the Czech voice package
 ``fillets-ng-data-cs`` and on other games' music, never on this one):

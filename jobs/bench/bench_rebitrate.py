@@ -1,6 +1,6 @@
 """What ``audioarc rebitrate`` buys: a lower-rate archive from a higher-rate one vs re-encoding from source.
 
-    python -m jobs.bench_rebitrate [--files 16] [--seconds 10] [--source-kbps 12] [--rates 6 1.5] [--work DIR]
+    python -m jobs.bench.bench_rebitrate [--files 16] [--seconds 10] [--source-kbps 12] [--rates 6 1.5] [--work DIR]
 
 Speech-like input (espeak-ng sentences when it is installed, else chirps from tests/audio_factory) is archived
 once at ``--source-kbps``; then, per rate B:
@@ -59,7 +59,7 @@ def make_corpus(src: str, files: int, seconds: float) -> str:
                 j += 3
             sf.write(path, np.concatenate(parts)[: int(seconds * rate)] * 0.9, rate)
         else:
-            sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
             from pathlib import Path
 
             from tests import audio_factory as af

@@ -1,6 +1,6 @@
 """The pipeline against a plain script, side by side in one run, its fixed costs, and its memory by file length.
 
-    python -m jobs.bench_throughput [--minutes 10 120] [--executors local ray] [--clips 10000]
+    python -m jobs.bench.bench_throughput [--minutes 10 120] [--executors local ray] [--clips 10000]
         [--clip-seconds 0.5 5] [--gens-files 200] [--memory-minutes 3 180 1440] [--skip long one gens clips memory]
 
 * A plain loop (soundfile decode -> soxr resample -> windows -> ``codec.encode`` with torch on every core; the

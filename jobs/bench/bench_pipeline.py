@@ -1,6 +1,6 @@
 """Benchmark the encode pipeline on this machine (prints figures; not a test).
 
-    python -m jobs.bench_pipeline [--files 6 --minutes 3 --long-hours 3]
+    python -m jobs.bench.bench_pipeline [--files 6 --minutes 3 --long-hours 3]
 
 Prints: end-to-end audio-seconds per second, the codec's own encode speed in the same run (pipeline
 efficiency = their ratio), archive bytes per audio second vs the nominal bitrate, and the peak RSS of the

@@ -1,6 +1,6 @@
 """Evaluate codecs against Opus / MP3 on the same 24 kHz mono references.
 
-    python -m jobs.codec_eval [DIR] --bitrates 1.5 3 6 12 --codec neural_rvq [--baselines opus mp3]
+    python -m jobs.tools.codec_eval [DIR] --bitrates 1.5 3 6 12 --codec neural_rvq [--baselines opus mp3]
                               [--max-files 4] [--seconds 8] [--out-dir .data/eval]
 
 ``DIR`` defaults to the Debian corpus; only its held-out files are used (``--all-files`` to lift
@@ -33,22 +33,13 @@ MP3_KBPS_24K = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)
 
 
 # -- references -------------------------------------------------------------------------------------
-def pick_segment(x: np.ndarray, n: int) -> np.ndarray:
-    """The loudest of a few evenly spaced ``n``-sample segments of ``x: [T]`` (the whole file if shorter)."""
-    if len(x) <= n:
-        return x
-    starts = np.linspace(0, len(x) - n, 6).astype(int)
-    rms = [np.sqrt(np.mean(x[s:s + n] ** 2)) for s in starts]
-    s = starts[int(np.argmax(rms))]
-    return x[s:s + n]
-
-
 def load_references(root: Path, max_files: int, seconds: float, heldout_only: bool, seed: int = 0,
                     min_seconds: float = 3.0, segments_per_file: int = 2):
     """Up to ``max_files`` references per content kind: files of at least ``min_seconds`` (short clips
     make STOI/ViSQOL unreliable), cut to the loudest ``seconds`` of each of ``segments_per_file`` equal
     parts of long files (music), so a few long held-out songs still give several references."""
     from pipeline import audio, corpus
+    from pipeline.audio import pick_segment
     files = corpus.audio_files(root)
     if heldout_only:
         files = [p for p in files if corpus.is_heldout(p)]

@@ -1,4 +1,4 @@
-"""Metric emission overhead on encode throughput: ``python -m jobs.bench_metrics [--files N] [--seconds S]``.
+"""Metric emission overhead on encode throughput: ``python -m jobs.bench.bench_metrics [--files N] [--seconds S]``.
 
 Two measurements on one local Ray node:
 
