@@ -9,7 +9,7 @@ class InputError(AudioarcError):
     """A source object cannot be archived (not audio, empty, truncated, unreadable).
 
     ``code`` names the kind for machines (metrics labels, ``reason_code`` in the catalog): one of
-    ``metrics.FAILURE_REASONS``; rewording the message never changes it."""
+    ``telemetry.FAILURE_REASONS``; rewording the message never changes it."""
 
     def __init__(self, message: str, code: str = "other"):
         super().__init__(message)

@@ -15,7 +15,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import archive, audio, storage
-from .codec import registry
 from .codec.windows import Joiner
 from .errors import ConfigError
 from .manifest import ARCHIVED, ArchiveRecord, ManifestEntry

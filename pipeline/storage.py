@@ -269,7 +269,7 @@ def retry(fn: Callable[[], T], what: str, attempts: int | None = None, base: flo
                 if url is not None:
                     raise translate(e, url, what) from e
                 raise
-            from .metrics import note_retry
+            from .telemetry import note_retry
             note_retry(what.split(" ", 1)[0])  # op: reading|writing|listing|...
             time.sleep(min(cap, base * 2 ** i) * (0.5 + random.random()))
     raise AssertionError("unreachable")

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import metrics, monitor
+from pipeline import monitor
+from pipeline import telemetry as metrics
 
 DASH = Path(__file__).resolve().parent.parent / "dashboards"
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",

@@ -73,7 +73,7 @@ def micro() -> dict:
         import numpy as np
         import torch
 
-        from pipeline import metrics
+        from pipeline import telemetry as metrics
         from pipeline.codec import registry
         torch.set_num_threads(1)
         em = metrics.Emitter({"job_id": "bench", "codec": "mdct_rvq", "bitrate": "6"})

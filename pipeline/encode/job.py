@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 
-from .. import archive, metrics, storage
+from .. import archive, storage, telemetry
 from ..audio import AUDIO_EXTENSIONS
 from .. import quality as quality_mod
 from ..codec import registry
@@ -41,7 +41,7 @@ def run_encode(cfg: EncodeConfig, on_progress: Callable[[int, int, float], None]
     job_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(3).hex()}"
     dm = None
     if cfg.metrics_port is not None:
-        dm = metrics.DriverMetrics(job_id, cfg.codec, cfg.bitrate_kbps, cfg.src, cfg.dest)
+        dm = telemetry.DriverMetrics(job_id, cfg.codec, cfg.bitrate_kbps, cfg.src, cfg.dest)
         port = dm.serve(cfg.metrics_host, cfg.metrics_port)
         if on_metrics:
             on_metrics(f"http://{cfg.metrics_host}:{port}/metrics")
@@ -71,7 +71,7 @@ def _load_codec(cfg: EncodeConfig):
     return registry.load(cfg.codec, cfg.codec_weights)
 
 
-def _run_encode(cfg: EncodeConfig, on_progress, job_id: str, dm: "metrics.DriverMetrics | None") -> EncodeSummary:
+def _run_encode(cfg: EncodeConfig, on_progress, job_id: str, dm: "telemetry.DriverMetrics | None") -> EncodeSummary:
     t0 = time.time()
     # workers run in other folders: local paths travel absolute
     cfg = replace(cfg, src=storage.absolute(cfg.src), dest=storage.absolute(cfg.dest),
@@ -136,7 +136,7 @@ def _encode_waves(cfg, job_id, dm, on_progress, t0, inputs, record, crec, n_q, g
     asm = _Assembler(cfg, crec, job_id, lease, archive.commit.highest_claimed(cfg.dest))
     executor = choose_executor(cfg)
     job_tags = {"job_id": job_id, "codec": crec.name, "bitrate": f"{cfg.bitrate_kbps:g}"} \
-        if cfg.emit_metrics and metrics.enabled() and executor == "ray" else None  # (Ray's metrics: Ray only)
+        if cfg.emit_metrics and telemetry.enabled() and executor == "ray" else None  # (Ray's metrics: Ray only)
     q = cfg.quality if cfg.quality is not None and cfg.quality.fraction > 0 else None
     rt = _Runtime(cfg, job_id, dm, q, executor)
     sampler = StreamingSampler(q.fraction, q.seed, q.min_files) if q else None
@@ -144,7 +144,7 @@ def _encode_waves(cfg, job_id, dm, on_progress, t0, inputs, record, crec, n_q, g
     totals = _Totals()
     counts = {"files": 0, "unchanged": 0, "unchanged_s": 0.0}
     generations: set[int] = set()
-    em = metrics.Emitter(job_tags)
+    em = telemetry.Emitter(job_tags)
     clock = time.perf_counter
     spent = dict.fromkeys(DRIVER_STAGES, 0.0)  # the driver's own time by stage
     decoded = dict.fromkeys(DECODE_STAGES, 0.0)  # summed over decode tasks (from each file's info row)

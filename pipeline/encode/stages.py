@@ -10,7 +10,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .. import archive, audio, metrics, placement, storage
+from .. import archive, audio, placement, storage, telemetry
 from ..codec.windows import CodecGeometry, Windower
 from ..errors import InputError, StorageError
 from ..manifest import ARCHIVED, FAILED
@@ -73,7 +73,7 @@ def decode_file(item: dict, geom: CodecGeometry, window_frames: int, block_frame
     """
     uri, fid = item["source"], item["file_id"]
     info = FileInfo(source=uri, size=item["size"])
-    em, t0 = metrics.Emitter(job_tags), time.perf_counter()
+    em, t0 = telemetry.Emitter(job_tags), time.perf_counter()
     em.inc("audioarc_files_in", stage="decode")
     st = dict.fromkeys(("fetch", "decode", "resample", "windowing"), 0.0)
     clock = time.perf_counter
@@ -181,7 +181,7 @@ class CodecActor:
         self.ctx = sum(self.codec.encode_context)
         self.hop = self.codec.hop_length
         self.progress = progress
-        self.em = metrics.Emitter(job_tags)
+        self.em = telemetry.Emitter(job_tags)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
