@@ -24,9 +24,23 @@ import urllib.request
 from pathlib import Path
 
 CACHE = Path(os.environ.get("AUDIOARC_CACHE", Path.home() / ".cache" / "audioarc"))
-DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"
+CHECKOUT_DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"  # beside pipeline/ in a checkout
 DRIVER_SD = "audioarc_driver_sd.json"
 RAY_SD = "prom_metrics_service_discovery.json"
+
+
+def dashboards_dir() -> Path:
+    """The dashboards/ folder (alert rules, Grafana provisioning and dashboard) that ``audioarc monitor`` uses:
+    ``$AUDIOARC_DASHBOARDS`` when set, else the one beside ``pipeline/`` in a source checkout. It is not part of
+    the installed package, so an installed audioarc needs the variable (or a checkout)."""
+    env = os.environ.get("AUDIOARC_DASHBOARDS")
+    d = Path(env).expanduser() if env else CHECKOUT_DASHBOARDS
+    if not (d / "alerts.yml").is_file():
+        from .errors import ConfigError
+        where = f"AUDIOARC_DASHBOARDS={env}" if env else f"{d} (beside pipeline/ in a source checkout)"
+        raise ConfigError(f"no audioarc dashboards folder at {where}: it holds alerts.yml and the Grafana "
+                          f"provisioning; set AUDIOARC_DASHBOARDS to the dashboards/ folder of an audioarc checkout")
+    return d
 
 
 # -- the Prometheus binary ------------------------------------------------------------------------
@@ -137,7 +151,7 @@ def render_config(workdir: Path, sd_files: dict[str, list[str]], scrape_interval
     workdir.mkdir(parents=True, exist_ok=True)
     lines = ["global:", f"  scrape_interval: {scrape_interval}", f"  evaluation_interval: {scrape_interval}"]
     if rules:
-        shutil.copy(DASHBOARDS / "alerts.yml", workdir / "alerts.yml")
+        shutil.copy(dashboards_dir() / "alerts.yml", workdir / "alerts.yml")
         lines += ["rule_files:", "  - alerts.yml"]
     lines.append("scrape_configs:")
     for job in ("audioarc-driver", "ray"):
@@ -227,11 +241,11 @@ def start_grafana(workdir: Path, prom_url: str, port: int) -> subprocess.Popen |
     if not exe:
         return None
     prov = workdir / "grafana" / "provisioning"
+    dash = dashboards_dir()
     for sub in ("datasources", "dashboards"):
         (prov / sub).mkdir(parents=True, exist_ok=True)
-        text = (DASHBOARDS / "provisioning" / sub / "audioarc.yml").read_text()
-        text = text.replace("http://127.0.0.1:9090", prom_url).replace("/etc/grafana/dashboards/audioarc",
-                                                                       str(DASHBOARDS))
+        text = (dash / "provisioning" / sub / "audioarc.yml").read_text()
+        text = text.replace("http://127.0.0.1:9090", prom_url).replace("/etc/grafana/dashboards/audioarc", str(dash))
         (prov / sub / "audioarc.yml").write_text(text)
     home = next((p for p in ("/usr/share/grafana", "/usr/local/share/grafana") if Path(p).exists()), None)
     args = [exe] + (["server"] if exe.endswith("/grafana") else []) + (["--homepath", home] if home else [])

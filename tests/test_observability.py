@@ -82,6 +82,17 @@ def test_every_dashboard_and_alert_metric_is_exported():
         assert must in used
 
 
+def test_dashboards_dir_is_found_or_named(tmp_path, monkeypatch):
+    from pipeline.errors import ConfigError
+    monkeypatch.delenv("AUDIOARC_DASHBOARDS", raising=False)
+    assert monitor.dashboards_dir() == DASH  # a checkout: beside pipeline/
+    monkeypatch.setenv("AUDIOARC_DASHBOARDS", str(tmp_path))
+    with pytest.raises(ConfigError, match="AUDIOARC_DASHBOARDS"):
+        monitor.dashboards_dir()  # no alerts.yml there: a clear error, not a FileNotFoundError later
+    (tmp_path / "alerts.yml").write_text("groups: []\n")
+    assert monitor.dashboards_dir() == tmp_path
+
+
 def test_failure_classes():
     c = metrics.classify_failure
     assert c("x: not a readable audio file (bad)") == "not_audio"
