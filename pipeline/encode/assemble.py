@@ -10,8 +10,6 @@ from .config import EncodeConfig
 from .stages import SKIPPED, FileInfo
 
 
-
-
 STREAM_CHUNK = 4096  # inputs per Ray dataset: codec actors live across the chunk's generations
 LOOKUP_BATCH = 2000  # inputs matched against the catalog per lookup
 

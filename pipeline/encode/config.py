@@ -9,8 +9,6 @@ from ..errors import ConfigError
 from ..quality import QualityConfig
 
 
-
-
 EXECUTORS = ("auto", "local", "ray")
 
 

@@ -17,8 +17,6 @@ from .config import EncodeConfig
 from .stages import CodecActor, Progress, decode_file
 
 
-
-
 BLOCK_BYTES = 16 << 20  # Ray Data blocks of decoded windows: a few windows each, not 128 MiB
 STORE_FLOOR_BYTES = 512 << 20
 

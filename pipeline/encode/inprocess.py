@@ -15,10 +15,9 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .stages import INFO, WINDOW
+from .stages import COLUMNS, INFO, WINDOW
 
 _END = object()
-COLUMNS = ("kind", "file_id", "seq", "frame_start", "n_frames", "channels", "payload", "gains", "info")
 OBJECT_COLUMNS = ("kind", "payload", "gains", "info")
 
 

@@ -10,11 +10,8 @@ from ..audio import AUDIO_EXTENSIONS
 from ..errors import ConfigError
 
 
-
-
 def file_id_for(uri: str) -> int:
     return int.from_bytes(hashlib.blake2b(uri.encode(), digest_size=8).digest(), "big", signed=True)
-
 
 
 def _list_inputs(src: str, input_list: str | None = None) -> Iterator[storage.ObjectInfo]:

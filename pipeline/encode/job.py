@@ -20,9 +20,7 @@ from .assemble import LOOKUP_BATCH, STREAM_CHUNK, _Assembler
 from .config import EncodeConfig, EncodeSummary
 from .executors import _Runtime, choose_executor
 from .inputs import _batches, _chain_first, _list_inputs, _peek, file_id_for
-from .stages import WINDOW, FileInfo
-
-
+from .stages import WINDOW, FileInfo, timed_iter
 
 
 def prepare_archive(cfg: EncodeConfig, codec, n_q: int) -> ArchiveRecord:
@@ -104,8 +102,6 @@ def _run_encode(cfg: EncodeConfig, on_progress, job_id: str, dm: "telemetry.Driv
             lease.release()
 
 
-
-
 def _plan_wave(cfg: EncodeConfig, current: "archive.Archive", wave: list
                ) -> tuple[list[dict], list[ManifestEntry], dict[str, ManifestEntry]]:
     """Split a wave of listed inputs into items to decode and entries already archived unchanged. The wave's
@@ -123,8 +119,6 @@ def _plan_wave(cfg: EncodeConfig, current: "archive.Archive", wave: list
         items.append({"source": obj.uri, "file_id": file_id_for(obj.uri), "size": obj.size,
                       "prev_hash": p.content_hash if ok else "", "version": obj.version})
     return items, unchanged, prev
-
-
 
 
 def _encode_waves(cfg, job_id, dm, on_progress, t0, inputs, record, crec, n_q, geom, window_frames, actor_weights,
@@ -160,14 +154,9 @@ def _encode_waves(cfg, job_id, dm, on_progress, t0, inputs, record, crec, n_q, g
             dm.progress(f, counts["files"], s, rt.ask("actors", {}))
 
     def planned():  # inputs to decode; unchanged ones are accounted as they are seen
-        waves = _batches(inputs, LOOKUP_BATCH)
-        while True:
-            t = clock()
-            wave = next(waves, None)
-            if wave is None:
-                spent["listing_and_planning"] += clock() - t
-                return
+        for wave in timed_iter(_batches(inputs, LOOKUP_BATCH), spent, "listing_and_planning"):
             counts["files"] += len(wave)
+            t = clock()
             items, unchanged, prev = _plan_wave(cfg, current, wave)
             spent["listing_and_planning"] += clock() - t
             for e in unchanged:
@@ -209,13 +198,8 @@ def _encode_waves(cfg, job_id, dm, on_progress, t0, inputs, record, crec, n_q, g
             asm.expect(it)
         rows = [{k: it[k] for k in ("source", "file_id", "size", "prev_hash")} for it in chunk]
         last = time.monotonic()
-        stream = iter(rt.stream(rows, geom, window_frames, job_tags, crec, actor_weights, n_q))
-        while True:
-            t = clock()
-            batch = next(stream, None)
-            spent["waiting_for_codes"] += clock() - t
-            if batch is None:
-                break
+        stream = rt.stream(rows, geom, window_frames, job_tags, crec, actor_weights, n_q)
+        for batch in timed_iter(stream, spent, "waiting_for_codes"):
             t = clock()
             kinds = batch["kind"]
             written = 0

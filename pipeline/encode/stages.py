@@ -6,7 +6,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -14,8 +14,6 @@ from .. import archive, audio, placement, storage, telemetry
 from ..codec.windows import CodecGeometry, Windower
 from ..errors import InputError, StorageError
 from ..manifest import ARCHIVED, FAILED
-
-
 
 
 # -- rows flowing through the pipeline ------------------------------------------------------------
@@ -61,8 +59,26 @@ def _row(kind: str, file_id: int, seq: int = 0, frame_start: int = 0, n_frames: 
             "channels": channels, "payload": payload, "gains": b"", "info": info}
 
 
+COLUMNS = tuple(_row(INFO, 0))  # every row's columns, in order
+
+
 def info_row(file_id: int, info: FileInfo) -> dict:
     return _row(INFO, file_id, info=info.to_json())
+
+
+def timed_iter(it: Iterable, spent: dict[str, float], key: str) -> Iterator:
+    """The items of ``it``, adding to ``spent[key]`` the seconds spent producing them (not the time the consumer
+    holds each one)."""
+    it = iter(it)
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        finally:
+            spent[key] += time.perf_counter() - t
+        yield item
 
 
 def decode_file(item: dict, geom: CodecGeometry, window_frames: int, block_frames: int = 1 << 16,
@@ -76,11 +92,18 @@ def decode_file(item: dict, geom: CodecGeometry, window_frames: int, block_frame
     em, t0 = telemetry.Emitter(job_tags), time.perf_counter()
     em.inc("audioarc_files_in", stage="decode")
     st = dict.fromkeys(("fetch", "decode", "resample", "windowing"), 0.0)
-    clock = time.perf_counter
+
+    def timed(key, fn, *args):
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            st[key] += time.perf_counter() - t
+
     try:
-        t = clock()
+        t = time.perf_counter()
         with storage.open_input(uri) as (f, digest):
-            st["fetch"] += clock() - t
+            st["fetch"] += time.perf_counter() - t
             info.content_hash = digest
             if isinstance(f, str):
                 info.size = os.path.getsize(f)
@@ -92,9 +115,7 @@ def decode_file(item: dict, geom: CodecGeometry, window_frames: int, block_frame
             if item["size"] == 0:
                 raise InputError(f"{uri}: empty file (0 bytes); remove it or replace it with the real recording",
                                  code="empty")
-            t = clock()
-            ai = audio.probe(f, uri)
-            st["decode"] += clock() - t
+            ai = timed("decode", audio.probe, f, uri)
             info.sample_rate, info.channels = ai.sample_rate, ai.channels
             cc = geom.channels  # channels per code stream: 1 = each channel its own stream
             if cc > 1 and ai.channels > cc:
@@ -111,33 +132,16 @@ def decode_file(item: dict, geom: CodecGeometry, window_frames: int, block_frame
                 for w in ws:
                     yield _row(WINDOW, fid, w.seq, w.start, w.stop - w.start, ai.channels * up, w.samples.tobytes())
 
-            def cut(block):  # resampled samples -> whole windows (timed; the yields in between are not)
-                t1 = clock()
-                if up > 1 and block is not None:  # a mono file coded as stereo (None: the end, flush the windower)
-                    block = np.repeat(block, up, axis=0)
-                ws = list(win.push(block)) if block is not None else list(win.finish())
-                st["windowing"] += clock() - t1
-                return ws
+            def window(block):  # resampled samples -> whole windows (a mono file coded as stereo is widened)
+                return list(win.push(np.repeat(block, up, axis=0) if up > 1 else block))
 
-            def resample(block):
-                t1 = clock()
-                out = res.process(block) if block is not None else res.flush()
-                st["resample"] += clock() - t1
-                return out
-
-            blocks = audio.read_blocks(f, uri, block_frames)
-            while True:
-                t = clock()
-                block = next(blocks, None)
-                st["decode"] += clock() - t
-                if block is None:
-                    break
+            for block in timed_iter(audio.read_blocks(f, uri, block_frames), st, "decode"):
                 frames += block.shape[1]
-                yield from rows(cut(resample(block)))
+                yield from rows(timed("windowing", window, timed("resample", res.process, block)))
             if frames == 0:
                 raise InputError(f"{uri}: zero-length audio (the file has a header but no samples)", code="zero_length")
-            yield from rows(cut(resample(None)))
-            yield from rows(cut(None))
+            yield from rows(timed("windowing", window, timed("resample", res.flush)))
+            yield from rows(timed("windowing", lambda: list(win.finish())))
             info = replace(info, status=ARCHIVED, frames=frames, duration_s=frames / ai.sample_rate,
                            codec_samples=win.total, codec_frames=win.next_frame, n_windows=win.seq)
     except InputError as e:
