@@ -37,12 +37,116 @@ import math
 import os
 import random
 import time
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline.errors import ConfigError
+
 SEG_FRAMES = 112  # frames per training segment (~1.5 s)
+
+
+# -- settings --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainConfig:
+    """A run's settings: built from the command line by ``default_config`` (its defaults are the command line's:
+    ``build_parser`` reads them from here), merged with a checkpoint's by ``resumed_config``, validated once by
+    ``validate``. Checkpoints store it as a plain dict (``to_dict``; ``from_dict`` reads one back, old ones too)."""
+
+    width: int = 256
+    latent_dim: int = 64
+    dilations: tuple[int, ...] = (1, 2, 4, 8)
+    n_q: int = 32
+    codebook_size: int = 1024
+    seg_frames: int = SEG_FRAMES
+    batch: int = 12
+    lr: float = 1e-3
+    steps: int = 100000
+    max_minutes: float = 60.0
+    warmup_steps: int = 150  # autoencoder steps before the RVQ is on
+    init_batches: int = 16
+    kmeans_iters: int = 6
+    ema_decay: float = 0.99  # (no option)
+    w_time: float = 0.0
+    w_mdct: float = 1.0
+    log_every: int = 25
+    ckpt_every: int = 200
+    val_segments: int = 16
+    seed: int = 0
+    threads: int = 1
+    run_dir: str = ".data/runs/neural_rvq"  # (resolved to an absolute path by default_config, as out/cache/init_from)
+    out: str = "pipeline/codec/weights/neural_rvq.pt"
+    resume: bool = False
+    reset_best: bool = False
+    restart_schedule: bool = False
+    init_from: str | None = None
+    other_fraction: float = 0.5
+    p_full: float = 0.3
+    w_env: float = 0.0
+    rung_weights: tuple[float, ...] | None = None
+    rung_decoder: int | None = None
+    rung_extra_blocks: int = 0
+    rung_ahead_blocks: int = 0
+    pair_search: int | None = None
+    keep_codes: int | None = None
+    cache: str = ".data/train_24k.npz"
+    use_ray: bool = True  # (the option is --no-ray)
+    cpu: bool = False
+    workers: int = 1
+    resume_changes: dict | None = None  # --resume: the options given again that changed, logged by the loop
+
+    def validate(self) -> TrainConfig:
+        for name in ("width", "latent_dim", "n_q", "codebook_size", "seg_frames", "batch", "init_batches", "log_every",
+                     "ckpt_every", "val_segments", "threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        for name in ("steps", "max_minutes", "warmup_steps", "kmeans_iters", "w_time", "w_mdct", "w_env",
+                     "rung_extra_blocks", "rung_ahead_blocks"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must not be negative")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr {self.lr}: must be a positive learning rate")
+        if not self.dilations or min(self.dilations) < 1:
+            raise ConfigError(f"--dilations {' '.join(map(str, self.dilations))}: give one or more dilations, "
+                              "each at least 1")
+        for name in ("other_fraction", "p_full"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be between 0 and 1")
+        if not 0 < self.ema_decay < 1:
+            raise ConfigError(f"ema_decay {self.ema_decay}: must be between 0 and 1 (exclusive)")
+        w = self.rung_weights
+        if w is not None and (not w or min(w) < 0 or not sum(w) > 0):
+            raise ConfigError(f"--rung-weights {' '.join(f'{v:g}' for v in w)}: must not be "
+                              "negative, and at least one must be positive")
+        if self.pair_search is not None and self.pair_search < 0:
+            raise ConfigError(f"--pair-search {self.pair_search}: must be at least 0 (0 = greedy)")
+        if self.workers < 1 or (self.workers > 1 and not self.use_ray):
+            raise ConfigError("--workers N needs N >= 1, and more than one worker runs through Ray Train "
+                              "(drop --no-ray)")
+        return self
+
+    def to_dict(self) -> dict:
+        """The plain dict a checkpoint stores (the keys and values the dict config of earlier versions had:
+        ``dilations`` a list, ``resume_changes`` only after a resume)."""
+        d = asdict(self)
+        d["dilations"] = list(self.dilations)
+        if d["resume_changes"] is None:
+            del d["resume_changes"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """The settings of a saved dict (a checkpoint's ``"config"``): keys it lacks take their defaults, keys
+        this version does not know are ignored."""
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        if "dilations" in kw:
+            kw["dilations"] = tuple(kw["dilations"])
+        if kw.get("rung_weights") is not None:
+            kw["rung_weights"] = tuple(kw["rung_weights"])
+        return cls(**kw)
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -210,18 +314,20 @@ class DataParallel:
 
 
 # -- the loop --------------------------------------------------------------------------------------
-def train_loop(config: dict) -> None:
-    """Runs in the Ray Train worker or directly (``--no-ray``)."""
+def train_loop(config: TrainConfig | dict) -> None:
+    """Runs in the Ray Train worker (given ``TrainConfig.to_dict()``) or directly (``--no-ray``)."""
     from pipeline.codec.neural import NeuralRvqCodec
     from pipeline.codec.neural_train import (EmaRvqTrainer, collect_latents, forward_rung_decoder, forward_train,
                                              sample_n_q)
     from pipeline.codec.registry import read_weights
 
-    torch.set_num_threads(int(config["threads"]))
-    torch.manual_seed(config["seed"])
+    if isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    torch.set_num_threads(int(config.threads))
+    torch.manual_seed(config.seed)
     ray_ctx = None
     dp = DataParallel()
-    if config.get("use_ray"):
+    if config.use_ray:
         import ray.train
         import ray.train.torch
         ray_ctx = ray.train
@@ -229,8 +335,8 @@ def train_loop(config: dict) -> None:
         ctx = ray.train.get_context()
         dp = DataParallel(ctx.get_world_rank(), ctx.get_world_size())
     else:
-        device = torch.device("cuda" if torch.cuda.is_available() and not config.get("cpu") else "cpu")
-    run_dir = Path(config["run_dir"])  # with several workers: shared by them (rank 0 writes, all resume)
+        device = torch.device("cuda" if torch.cuda.is_available() and not config.cpu else "cpu")
+    run_dir = Path(config.run_dir)  # with several workers: shared by them (rank 0 writes, all resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     logf = open(run_dir / "train.log", "a") if dp.main else None
 
@@ -242,48 +348,47 @@ def train_loop(config: dict) -> None:
         logf.write(line + "\n")
         logf.flush()
 
-    codec = NeuralRvqCodec(width=config["width"], latent_dim=config["latent_dim"],
-                           dilations=tuple(config["dilations"]), n_q=config["n_q"],
-                           codebook_size=config["codebook_size"]).to(device)
+    codec = NeuralRvqCodec(width=config.width, latent_dim=config.latent_dim,
+                           dilations=tuple(config.dilations), n_q=config.n_q,
+                           codebook_size=config.codebook_size).to(device)
     hop = codec.hop_length
-    seg = (config["seg_frames"] + 1) * hop
+    seg = (config.seg_frames + 1) * hop
     # same initial weights on every worker (seeded above); each draws its own data
-    data_seed = config["seed"] + 1000 * dp.rank
-    sampler = SegmentSampler(Path(config["cache"]), seg, seed=data_seed,
-                             other_fraction=config.get("other_fraction", 0.5))
-    vq = EmaRvqTrainer(codec, decay=config["ema_decay"], seed=data_seed, reduce=dp.sum_ if dp.on else None)
-    rung = config.get("rung_decoder")
-    keep = config.get("keep_codes") or 0
-    resuming = bool(config.get("resume")) and (run_dir / "ckpt.pt").exists()
+    data_seed = config.seed + 1000 * dp.rank
+    sampler = SegmentSampler(Path(config.cache), seg, seed=data_seed, other_fraction=config.other_fraction)
+    vq = EmaRvqTrainer(codec, decay=config.ema_decay, seed=data_seed, reduce=dp.sum_ if dp.on else None)
+    rung = config.rung_decoder
+    keep = config.keep_codes or 0
+    resuming = bool(config.resume) and (run_dir / "ckpt.pt").exists()
     # released weights to start from, read once (before a rung decoder is added, so a missing one starts as the
     # shared decoder; a plain fine-tune that resumes takes everything from its checkpoint instead)
     state = None
-    if config.get("init_from") and (rung or keep or not resuming):
-        state = read_weights(config["init_from"])
-        codec.load_weights(state, str(config["init_from"]))
+    if config.init_from and (rung or keep or not resuming):
+        state = read_weights(config.init_from)
+        codec.load_weights(state, str(config.init_from))
     if rung:
-        if not (config.get("init_from") or config.get("resume")):
+        if not (config.init_from or config.resume):
             raise ValueError("--rung-decoder trains a decoder for trained codes: pass --init-from WEIGHTS")
         if rung not in codec.ladder_n_q:
             raise ValueError(f"--rung-decoder {rung}: not a rung of the ladder {codec.ladder_n_q}")
-        codec.add_rung_decoder(rung, config.get("rung_extra_blocks", 0), config.get("rung_ahead_blocks", 0))
-        if config.get("pair_search") is not None:
+        codec.add_rung_decoder(rung, config.rung_extra_blocks, config.rung_ahead_blocks)
+        if config.pair_search is not None:
             if rung != 2:
                 raise ValueError("--pair-search applies to the 2-stage rung: use it with --rung-decoder 2")
-            codec.rvq.set_pair_search(config["pair_search"])
+            codec.rvq.set_pair_search(config.pair_search)
         codec.requires_grad_(False)
         codec.decoder_for(rung).requires_grad_(True)
     if keep:
         if rung:
             raise ValueError("--keep-codes fine-tunes the shared decoder; --rung-decoder trains a rung decoder "
                              "with every code kept already: use one of them")
-        if not (config.get("init_from") or config.get("resume")):
+        if not (config.init_from or config.resume):
             raise ValueError("--keep-codes keeps the codes of trained weights: pass --init-from WEIGHTS")
         if not 1 <= keep < codec.n_q:
             raise ValueError(f"--keep-codes {keep}: must be in [1, {codec.n_q - 1}]")
         stale = sorted(int(k) for k in codec.rung_decoders if int(k) > keep)
         if stale:
-            raise ValueError(f"--keep-codes {keep}: {config.get('init_from')} has rung decoders for {stale} stages, "
+            raise ValueError(f"--keep-codes {keep}: {config.init_from} has rung decoders for {stale} stages, "
                              f"whose codes would change; keep at least {max(stale)} stages' codes")
         # the encoder, the first `keep` codebooks and every rung decoder stay as they are: the codes of the
         # first `keep` stages (and what the rung decoders make of them) are exactly those of the weights
@@ -291,31 +396,31 @@ def train_loop(config: dict) -> None:
         codec.rung_decoders.requires_grad_(False)
         vq.frozen_stages = keep
     params = [p for p in codec.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config["lr"], betas=(0.8, 0.99), weight_decay=1e-5)
+    opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.8, 0.99), weight_decay=1e-5)
     step, elapsed, best = 0, 0.0, float("inf")
     ckpt_path = run_dir / "ckpt.pt"
-    if config.get("resume") and ckpt_path.exists():
+    if config.resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if rung and config.get("pair_search") is not None:  # given on resume: wins over the checkpoint's
-            ck["model"]["rvq.pair_search_k"] = torch.tensor(config["pair_search"])
+        if rung and config.pair_search is not None:  # given on resume: wins over the checkpoint's
+            ck["model"]["rvq.pair_search_k"] = torch.tensor(config.pair_search)
         codec.load_weights(ck, str(ckpt_path))
         opt.load_state_dict(ck["opt"])
         vq.load_state_dict(ck["vq"])
         step, elapsed = ck["step"], ck["elapsed"]
-        best = best if config.get("reset_best") else ck.get("best", best)
+        best = best if config.reset_best else ck.get("best", best)
         sampler.rng = np.random.default_rng(data_seed + step)
-        changes = config.get("resume_changes")
+        changes = config.resume_changes
         log(f"resumed from {ckpt_path} at step {step} ({elapsed / 60:.1f} min) with its settings"
             + (f"; changed: {', '.join(f'{k}={v!r}' for k, v in changes.items())}" if changes else ""))
     elif rung:
-        vq.seed_from_codebooks(config["batch"] * config["seg_frames"])  # frozen: never updated
-        log(f"rung decoder for {rung} stages, from {config['init_from']} "
+        vq.seed_from_codebooks(config.batch * config.seg_frames)  # frozen: never updated
+        log(f"rung decoder for {rung} stages, from {config.init_from} "
             f"({sum(p.numel() for p in params) / 1e6:.2f}M trainable params; encoder and codebooks frozen)")
-    elif config.get("init_from"):
+    elif config.init_from:
         # fine-tune from released weights (no optimizer or EMA state in them): the codebooks are trained,
         # so the quantizer starts initialised, its EMA statistics seeded as if each code were used evenly
-        vq.seed_from_codebooks(config["batch"] * config["seg_frames"])  # latent vectors per step
-        log(f"initialised from {config['init_from']} (trained to step {state.get('step', '?')})"
+        vq.seed_from_codebooks(config.batch * config.seg_frames)  # latent vectors per step
+        log(f"initialised from {config.init_from} (trained to step {state.get('step', '?')})"
             + (f"; encoder, first {keep} codebooks and rung decoders frozen "
                f"({sum(p.numel() for p in params) / 1e6:.2f}M trainable params)" if keep else ""))
     else:
@@ -326,13 +431,13 @@ def train_loop(config: dict) -> None:
             codec.feat_scale.copy_(1.0 / std)
             dp.broadcast_(codec.feat_scale)
     # --restart-schedule: a fine-tune phase with its own warm-restart cosine over --steps / --max-minutes
-    step0, phase_start = (step, time.time()) if config.get("restart_schedule") else (0, None)
+    step0, phase_start = (step, time.time()) if config.restart_schedule else (0, None)
     n_params = codec.n_params()
     log(f"neural_rvq: {n_params / 1e6:.2f}M params, encode_context {codec.encode_context}, "
         f"decode_context {codec.decode_context}, device {device}, threads {torch.get_num_threads()}, "
-        f"workers {dp.world} (batch {config['batch']} each)")
-    val = sampler.validation_batch(config["val_segments"], config["seed"]).to(device)  # same after --resume
-    fine_tune = bool(config.get("init_from")) and not rung and not resuming
+        f"workers {dp.world} (batch {config.batch} each)")
+    val = sampler.validation_batch(config.val_segments, config.seed).to(device)  # same after --resume
+    fine_tune = bool(config.init_from) and not rung and not resuming
     if fine_tune:  # every rung scored: a fine-tune must not buy one rung with another
         ladder = list(codec.ladder_n_q)
         val_nq = torch.tensor([ladder[i % len(ladder)] for i in range(len(val))])
@@ -341,24 +446,25 @@ def train_loop(config: dict) -> None:
     val_key = "val_loss_rung" if rung else ("val_mel_rungs" if fine_tune else "val_mel_6kbps")
     rng = random.Random(data_seed + step)
     t_start = time.time() - elapsed
-    out_path = Path(config["out"])
+    out_path = Path(config.out)
 
     def save_ckpt():
         torch.save({"model": codec.state_dict(), "opt": opt.state_dict(), "vq": vq.state_dict(), "step": step,
-                    "elapsed": time.time() - t_start, "best": best, "config": config}, str(ckpt_path) + ".tmp")
+                    "elapsed": time.time() - t_start, "best": best, "config": config.to_dict()},
+                   str(ckpt_path) + ".tmp")
         os.replace(str(ckpt_path) + ".tmp", ckpt_path)
 
     def save_weights(path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        cfg = {k: config[k] for k in ("width", "latent_dim", "dilations", "n_q", "codebook_size")}
+        saved = config.to_dict()  # (dilations as a list, as ever)
+        cfg = {k: saved[k] for k in ("width", "latent_dim", "dilations", "n_q", "codebook_size")}
         cfg["rung_decoders"] = sorted(int(k) for k in codec.rung_decoders)
         torch.save({"model": shipping_state(codec.state_dict()), "config": cfg,
                     "step": step}, str(path) + ".tmp")
         os.replace(str(path) + ".tmp", path)
 
-    max_s = config["max_minutes"] * 60
-    loss_weights = {"w_time": config["w_time"], "w_mdct": config.get("w_mdct", 1.0),
-                    "w_env": config.get("w_env", 0.0)}
+    max_s = config.max_minutes * 60
+    loss_weights = {"w_time": config.w_time, "w_mdct": config.w_mdct, "w_env": config.w_env}
     logs_acc: dict[str, list[float]] = {}
 
     def phase_elapsed():
@@ -380,28 +486,28 @@ def train_loop(config: dict) -> None:
         save_weights(out_path)
         log({"step": step, val_key: round(best, 4), "best": round(best, 4), "saved": True, "base": True})
 
-    while step - step0 < config["steps"] and dp.decide(phase_elapsed() < max_s, device):
-        progress = max((step - step0) / config["steps"], phase_elapsed() / max_s)
-        lr = config["lr"] * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    while step - step0 < config.steps and dp.decide(phase_elapsed() < max_s, device):
+        progress = max((step - step0) / config.steps, phase_elapsed() / max_s)
+        lr = config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
         for g in opt.param_groups:
             g["lr"] = lr
-        if not vq.initialized and step >= config["warmup_steps"]:
+        if not vq.initialized and step >= config.warmup_steps:
             codec.eval()
-            lat = collect_latents(codec, [sampler.batch(config["batch"]).to(device)
-                                          for _ in range(config["init_batches"])])
+            lat = collect_latents(codec, [sampler.batch(config.batch).to(device)
+                                          for _ in range(config.init_batches)])
             t0 = time.time()
-            vq.kmeans_init(lat.cpu(), iters=config["kmeans_iters"])
+            vq.kmeans_init(lat.cpu(), iters=config.kmeans_iters)
             vq.codec.rvq.codebooks.data = vq.codec.rvq.codebooks.to(device)
             dp.broadcast_(codec.rvq.codebooks, vq.ema_sum, vq.ema_count)  # rank 0's k-means for all
             log(f"step {step}: k-means init of {codec.n_q} codebooks on {len(lat)} latents "
                 f"in {time.time() - t0:.0f}s")
         codec.train()
-        wav = sampler.batch(config["batch"]).to(device)
+        wav = sampler.batch(config.batch).to(device)
         if rung:
             loss, logs = forward_rung_decoder(codec, wav, rung, **loss_weights)
         else:
-            nq = sample_n_q(len(wav), codec.ladder_n_q, rng, p_full=config.get("p_full", 0.3),
-                            rung_weights=config.get("rung_weights"))
+            nq = sample_n_q(len(wav), codec.ladder_n_q, rng, p_full=config.p_full,
+                            rung_weights=config.rung_weights)
             loss, logs = forward_train(codec, vq if vq.initialized else None, wav, nq, **loss_weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -415,7 +521,7 @@ def train_loop(config: dict) -> None:
         step += 1
         for k, v in logs.items():
             logs_acc.setdefault(k, []).append(v)
-        if step % config["log_every"] == 0:
+        if step % config.log_every == 0:
             rec = {k: round(float(np.mean(v)), 4) for k, v in logs_acc.items()}
             rec.update(step=step, lr=round(lr, 6), gnorm=round(float(gn), 3),
                        min=round((time.time() - t_start) / 60, 2))
@@ -425,7 +531,7 @@ def train_loop(config: dict) -> None:
                 rec["restarts"] = vq.restarts
             log(rec)
             logs_acc = {}
-        if (step % config["ckpt_every"] == 0 or step - step0 >= config["steps"]) and dp.main:
+        if (step % config.ckpt_every == 0 or step - step0 >= config.steps) and dp.main:
             vmel = validate()
             improved = vq.initialized and vmel < best
             if improved:
@@ -434,7 +540,7 @@ def train_loop(config: dict) -> None:
             save_ckpt()
             log({"step": step, val_key: round(vmel, 4),
                  "best": round(best, 4), "saved": improved})
-        if ray_ctx is not None and step % config["ckpt_every"] == 0:
+        if ray_ctx is not None and step % config.ckpt_every == 0:
             import ray.train
             ray.train.report({"step": step, "loss": logs["loss"], **({"val": vmel} if dp.main else {})})
     # the replicas must have stayed identical (weights and codebooks)
@@ -455,23 +561,24 @@ def train_loop(config: dict) -> None:
         logf.close()
 
 
-def default_config(args) -> dict:
-    return {
-        "width": args.width, "latent_dim": args.latent_dim, "dilations": args.dilations, "n_q": args.n_q,
-        "codebook_size": args.codebook_size, "seg_frames": args.seg_frames, "batch": args.batch,
-        "lr": args.lr, "steps": args.steps, "max_minutes": args.max_minutes, "warmup_steps": args.warmup_steps,
-        "init_batches": args.init_batches, "kmeans_iters": args.kmeans_iters, "ema_decay": 0.99,
-        "w_time": args.w_time, "w_mdct": args.w_mdct, "log_every": args.log_every, "ckpt_every": args.ckpt_every,
-        "val_segments": args.val_segments, "seed": args.seed, "threads": args.threads,
-        "run_dir": str(args.run_dir.resolve()), "out": str(args.out.resolve()), "resume": args.resume,
-        "reset_best": args.reset_best, "restart_schedule": args.restart_schedule,
-        "init_from": str(args.init_from.resolve()) if args.init_from else None,
-        "other_fraction": args.other_fraction, "p_full": args.p_full, "w_env": args.w_env,
-        "rung_weights": tuple(args.rung_weights) if args.rung_weights else None,
-        "rung_decoder": args.rung_decoder, "rung_extra_blocks": args.rung_extra_blocks,
-        "rung_ahead_blocks": args.rung_ahead_blocks, "pair_search": args.pair_search, "keep_codes": args.keep_codes,
-        "cache": str(args.cache.resolve()), "use_ray": not args.no_ray, "cpu": args.cpu, "workers": args.workers,
-    }
+def default_config(args) -> TrainConfig:
+    """The run's settings from the parsed command line (not yet validated: ``main`` does that, after a resume)."""
+    return TrainConfig(
+        width=args.width, latent_dim=args.latent_dim, dilations=tuple(args.dilations), n_q=args.n_q,
+        codebook_size=args.codebook_size, seg_frames=args.seg_frames, batch=args.batch,
+        lr=args.lr, steps=args.steps, max_minutes=args.max_minutes, warmup_steps=args.warmup_steps,
+        init_batches=args.init_batches, kmeans_iters=args.kmeans_iters,
+        w_time=args.w_time, w_mdct=args.w_mdct, log_every=args.log_every, ckpt_every=args.ckpt_every,
+        val_segments=args.val_segments, seed=args.seed, threads=args.threads,
+        run_dir=str(args.run_dir.resolve()), out=str(args.out.resolve()), resume=args.resume,
+        reset_best=args.reset_best, restart_schedule=args.restart_schedule,
+        init_from=str(args.init_from.resolve()) if args.init_from else None,
+        other_fraction=args.other_fraction, p_full=args.p_full, w_env=args.w_env,
+        rung_weights=tuple(args.rung_weights) if args.rung_weights else None,
+        rung_decoder=args.rung_decoder, rung_extra_blocks=args.rung_extra_blocks,
+        rung_ahead_blocks=args.rung_ahead_blocks, pair_search=args.pair_search, keep_codes=args.keep_codes,
+        cache=str(args.cache.resolve()), use_ray=not args.no_ray, cpu=args.cpu, workers=args.workers,
+    )
 
 
 # what is trained (and so what the checkpoint's tensors are): fixed for the life of a run
@@ -489,29 +596,29 @@ def given_options(argv) -> set[str]:
     return set(vars(ap.parse_args(argv)))
 
 
-def resumed_config(config: dict, given: set[str]) -> dict:
+def resumed_config(config: TrainConfig, given: set[str]) -> TrainConfig:
     """``--resume``: the settings saved in ``RUN_DIR/ckpt.pt``, with those options the command line gives
-    (``given``: their ``default_config`` keys) taken from ``config``. Without a checkpoint, or one from before
+    (``given``: their ``TrainConfig`` field names) taken from ``config``. Without a checkpoint, or one from before
     settings were saved, ``config`` as is. Raises ValueError when a given option changes what is trained."""
-    ckpt = Path(config["run_dir"]) / "ckpt.pt"
+    ckpt = Path(config.run_dir) / "ckpt.pt"
     if not ckpt.exists():
         return config
     import torch
     saved = torch.load(ckpt, map_location="cpu", weights_only=False).get("config")
     if not saved:
         return config
+    names = {f.name for f in fields(TrainConfig)}
     given = {"use_ray" if g == "no_ray" else g for g in given}
-    changed = [k for k in SHAPE_KEYS if k in given and not _same(saved.get(k), config[k])]
+    mine = {k: getattr(config, k) for k in (*INVOCATION_KEYS, *sorted(g for g in given if g in names))}
+    changed = [k for k in SHAPE_KEYS if k in given and not _same(saved.get(k), mine[k])]
     if changed:
         raise ValueError(f"{ckpt}: --resume cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} "
                          f"(the checkpoint has {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); start a new "
                          f"--run-dir, or --init-from a weights file to fine-tune")
-    merged = {**config, **saved}
-    for k in (*INVOCATION_KEYS, *(g for g in given if g in config)):
-        merged[k] = config[k]
-    merged["resume_changes"] = {k: config[k] for k in sorted(given) if k in config and k not in INVOCATION_KEYS
-                                and not _same(saved.get(k), config[k])}  # logged by the loop
-    return merged
+    # the checkpoint's settings (a key it lacks: this command line's), then this invocation's and the given ones
+    merged = TrainConfig.from_dict({**config.to_dict(), **saved})
+    return replace(merged, **mine, resume_changes={  # logged by the loop
+        k: v for k, v in mine.items() if k not in INVOCATION_KEYS and not _same(saved.get(k), v)})
 
 
 def _same(a, b) -> bool:
@@ -559,14 +666,15 @@ def combine_rung_decoders(base: Path, rung_files: list[Path], out: Path, log=pri
 
 
 def build_parser() -> argparse.ArgumentParser:
+    D = TrainConfig  # the run's defaults: the options of its fields default to them
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="folder or URL prefix (s3://...) of audio (default: the "
                     "Debian corpus)")
-    ap.add_argument("--cache", type=Path, default=Path(".data/train_24k.npz"))
-    ap.add_argument("--run-dir", type=Path, default=Path(".data/runs/neural_rvq"))
-    ap.add_argument("--out", type=Path, default=Path("pipeline/codec/weights/neural_rvq.pt"))
+    ap.add_argument("--cache", type=Path, default=Path(D.cache))
+    ap.add_argument("--run-dir", type=Path, default=Path(D.run_dir))
+    ap.add_argument("--out", type=Path, default=Path(D.out))
     ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--init-from", type=Path, default=None, help="start from these released weights "
+    ap.add_argument("--init-from", type=Path, default=D.init_from, help="start from these released weights "
                     "(e.g. the shipped neural_rvq.pt) with a fresh optimizer: a fine-tune")
     ap.add_argument("--reset-best", action="store_true", help="on resume, forget the best validation score "
                     "(after changing loss weights)")
@@ -574,54 +682,56 @@ def build_parser() -> argparse.ArgumentParser:
                     "cosine lr phase of --steps / --max-minutes from the checkpoint (a fine-tune)")
     ap.add_argument("--no-ray", action="store_true", help="run the loop in-process instead of Ray Train")
     ap.add_argument("--cpu", action="store_true")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    ap.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers (one GPU each when the "
-                    "cluster has GPUs); each trains on --batch segments, so the global batch is workers x batch")
+    ap.add_argument("--threads", type=int, default=D.threads, help="torch threads per worker")
+    ap.add_argument("--workers", type=int, default=D.workers, help="data-parallel Ray Train workers (one GPU each "
+                    "when the cluster has GPUs); each trains on --batch segments, so the global batch is workers x "
+                    "batch")
     ap.add_argument("--worker-cpus", type=float, default=None, help="CPUs Ray reserves per worker "
                     "(default: --threads)")
-    ap.add_argument("--steps", type=int, default=100000)
-    ap.add_argument("--max-minutes", type=float, default=60.0)
-    ap.add_argument("--batch", type=int, default=12)
-    ap.add_argument("--seg-frames", type=int, default=SEG_FRAMES)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--latent-dim", type=int, default=64)
-    ap.add_argument("--dilations", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--n-q", type=int, default=32)
-    ap.add_argument("--codebook-size", type=int, default=1024)
-    ap.add_argument("--warmup-steps", type=int, default=150, help="autoencoder steps before the RVQ is on")
-    ap.add_argument("--init-batches", type=int, default=16)
-    ap.add_argument("--kmeans-iters", type=int, default=6)
-    ap.add_argument("--w-time", type=float, default=0.0, help="weight of the time-domain L1 loss")
-    ap.add_argument("--w-mdct", type=float, default=1.0, help="weight of the companded-MDCT L1 loss "
+    ap.add_argument("--steps", type=int, default=D.steps)
+    ap.add_argument("--max-minutes", type=float, default=D.max_minutes)
+    ap.add_argument("--batch", type=int, default=D.batch)
+    ap.add_argument("--seg-frames", type=int, default=D.seg_frames)
+    ap.add_argument("--lr", type=float, default=D.lr)
+    ap.add_argument("--width", type=int, default=D.width)
+    ap.add_argument("--latent-dim", type=int, default=D.latent_dim)
+    ap.add_argument("--dilations", type=int, nargs="+", default=list(D.dilations))
+    ap.add_argument("--n-q", type=int, default=D.n_q)
+    ap.add_argument("--codebook-size", type=int, default=D.codebook_size)
+    ap.add_argument("--warmup-steps", type=int, default=D.warmup_steps, help="autoencoder steps before the RVQ is on")
+    ap.add_argument("--init-batches", type=int, default=D.init_batches)
+    ap.add_argument("--kmeans-iters", type=int, default=D.kmeans_iters)
+    ap.add_argument("--w-time", type=float, default=D.w_time, help="weight of the time-domain L1 loss")
+    ap.add_argument("--w-mdct", type=float, default=D.w_mdct, help="weight of the companded-MDCT L1 loss "
                     "(the multi-scale log-mel loss has weight 1)")
-    ap.add_argument("--w-env", type=float, default=0.0, help="weight of the band-envelope correlation "
+    ap.add_argument("--w-env", type=float, default=D.w_env, help="weight of the band-envelope correlation "
                     "(intelligibility) loss")
-    ap.add_argument("--other-fraction", type=float, default=0.5, help="share of training segments drawn "
-                    "from non-music (speech, ambient) files")
-    ap.add_argument("--p-full", type=float, default=0.3, help="quantizer dropout: share of examples "
+    ap.add_argument("--other-fraction", type=float, default=D.other_fraction, help="share of training segments "
+                    "drawn from non-music (speech, ambient) files")
+    ap.add_argument("--p-full", type=float, default=D.p_full, help="quantizer dropout: share of examples "
                     "trained with the full stack")
-    ap.add_argument("--rung-weights", type=float, nargs="+", default=None, help="quantizer dropout: relative "
-                    "weight of each ladder rung (1.5 3 6 12 24 kbps), default uniform")
-    ap.add_argument("--rung-decoder", type=int, default=None, metavar="K", help="train only a dedicated "
+    ap.add_argument("--rung-weights", type=float, nargs="+", default=D.rung_weights, help="quantizer dropout: "
+                    "relative weight of each ladder rung (1.5 3 6 12 24 kbps), default uniform")
+    ap.add_argument("--rung-decoder", type=int, default=D.rung_decoder, metavar="K", help="train only a dedicated "
                     "decoder for exactly K stages (encoder and codebooks frozen; needs --init-from)")
-    ap.add_argument("--rung-extra-blocks", type=int, default=0, metavar="N", help="with --rung-decoder: deepen "
-                    "that decoder by N identity-initialised residual blocks (dilations doubling on: more look-back)")
-    ap.add_argument("--rung-ahead-blocks", type=int, default=0, metavar="N", help="with --rung-decoder: give "
-                    "that decoder N identity-initialised symmetric blocks, 2**N - 1 frames of look-ahead (every "
-                    "file then stores that many more code frames)")
-    ap.add_argument("--pair-search", type=int, default=None, metavar="K", help="with --rung-decoder 2: encode "
+    ap.add_argument("--rung-extra-blocks", type=int, default=D.rung_extra_blocks, metavar="N", help="with "
+                    "--rung-decoder: deepen that decoder by N identity-initialised residual blocks (dilations "
+                    "doubling on: more look-back)")
+    ap.add_argument("--rung-ahead-blocks", type=int, default=D.rung_ahead_blocks, metavar="N", help="with "
+                    "--rung-decoder: give that decoder N identity-initialised symmetric blocks, 2**N - 1 frames of "
+                    "look-ahead (every file then stores that many more code frames)")
+    ap.add_argument("--pair-search", type=int, default=D.pair_search, metavar="K", help="with --rung-decoder 2: encode "
                     "the two stages jointly over the K nearest first-stage entries (ResidualVQ.set_pair_search; "
                     "stored in the weights, 0 = greedy) and train the decoder on those codes")
-    ap.add_argument("--keep-codes", type=int, default=None, metavar="K", help="with --init-from: fine-tune the "
+    ap.add_argument("--keep-codes", type=int, default=D.keep_codes, metavar="K", help="with --init-from: fine-tune the "
                     "shared decoder and the codebooks after the first K with the encoder, the first K codebooks "
                     "and the rung decoders frozen, so the codes of the first K stages (and the rung decoders "
                     "reading them, e.g. a 1.5 kbps one with K=2) stay exactly those of WEIGHTS")
-    ap.add_argument("--log-every", type=int, default=25)
-    ap.add_argument("--ckpt-every", type=int, default=200)
-    ap.add_argument("--val-segments", type=int, default=16)
+    ap.add_argument("--log-every", type=int, default=D.log_every)
+    ap.add_argument("--ckpt-every", type=int, default=D.ckpt_every)
+    ap.add_argument("--val-segments", type=int, default=D.val_segments)
     ap.add_argument("--max-speech-files", type=int, default=1200)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=D.seed)
     ap.add_argument("--combine", type=Path, nargs="+", default=None, metavar=("BASE", "RUNG_WEIGHTS"),
                     help="no training: write --out = BASE weights + the rung decoders of RUNG_WEIGHTS files "
                     "(from --rung-decoder runs on BASE)")
@@ -639,21 +749,23 @@ def main(argv=None) -> None:
     config = default_config(args)
     if args.resume:
         config = resumed_config(config, given_options(argv))
-    if config["workers"] < 1 or (config["workers"] > 1 and not config["use_ray"]):
-        ap.error("--workers N needs N >= 1, and more than one worker runs through Ray Train (drop --no-ray)")
-    build_cache(args.data, Path(config["cache"]), max_speech_files=args.max_speech_files)
-    if not config["use_ray"]:  # (on --resume: as the run was started, unless --no-ray is given)
+    try:
+        config.validate()
+    except ConfigError as e:  # a usage error, as argparse's own
+        ap.error(str(e))
+    build_cache(args.data, Path(config.cache), max_speech_files=args.max_speech_files)
+    if not config.use_ray:  # (on --resume: as the run was started, unless --no-ray is given)
         train_loop(config)
         return
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    threads, workers = config["threads"], config["workers"]
+    threads, workers = config.threads, config.workers
     if not ray.is_initialized():
         ray.init(num_cpus=max(2, threads), include_dashboard=False, log_to_driver=True)
-    use_gpu = bool(ray.cluster_resources().get("GPU", 0)) and not config["cpu"]
+    use_gpu = bool(ray.cluster_resources().get("GPU", 0)) and not config.cpu
     trainer = TorchTrainer(
-        train_loop, train_loop_config=config,
+        train_loop, train_loop_config=config.to_dict(),  # the plain dict Ray Train expects; the loop reads it back
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": args.worker_cpus or threads,
                                                            **({"GPU": 1} if use_gpu else {})}),

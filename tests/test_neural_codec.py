@@ -460,6 +460,28 @@ def test_train_job_no_ray_and_resume(tmp_path):
     c.load_state_dict(state)
 
 
+def test_train_config_reads_saved_dicts_and_validates():
+    """A checkpoint's settings (a plain dict, from any version) read back into ``TrainConfig``: keys this version
+    does not know are ignored, missing ones take their defaults; ``validate`` refuses values no run can use."""
+    from dataclasses import replace
+
+    from jobs import train_codec
+    from jobs.train_codec import TrainConfig
+    from pipeline.errors import ConfigError
+    cfg = train_codec.default_config(train_codec.build_parser().parse_args(["--rung-weights", "1", "2"])).validate()
+    saved = cfg.to_dict()  # what a checkpoint stores: the dict config's keys and values
+    assert saved["dilations"] == [1, 2, 4, 8] and saved["rung_weights"] == (1.0, 2.0) and "resume_changes" not in saved
+    assert TrainConfig.from_dict(saved) == cfg
+    older = {k: v for k, v in saved.items() if k != "w_env"} | {"from_another_version": 1}
+    back = TrainConfig.from_dict(older)
+    assert back == cfg and back.w_env == 0.0 and back.to_dict() == saved
+    for bad in ({"lr": -1e-3}, {"steps": -1}, {"ckpt_every": 0}, {"workers": 2, "use_ray": False}):
+        with pytest.raises(ConfigError, match="--" + next(iter(bad)).replace("_", "-")):
+            replace(cfg, **bad).validate()
+    with pytest.raises(SystemExit):  # on the command line: a usage error, before any data is read
+        train_codec.main(["--lr", "-1", "--no-ray"])
+
+
 def test_train_job_reads_audio_from_object_storage(tmp_path, s3_prefix):
     """--data s3://...: training audio listed and fetched from the bucket (the session's SeaweedFS server),
     the held-out split applied to the object names as to local ones."""
