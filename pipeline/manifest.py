@@ -1,7 +1,11 @@
-"""Typed catalog records: one ``ManifestEntry`` per input, the codec identity, and the archive's record."""
+"""Typed catalog records: one ``ManifestEntry`` per input and the archive's record (with the codec's ``CodecRecord``)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+
+from .codec.identity import CodecRecord  # the codec's own record of itself, as the archive stores it
+
+__all__ = ["ARCHIVED", "FAILED", "Location", "ManifestEntry", "CodecRecord", "WeightsRef", "ArchiveRecord"]
 
 ARCHIVED = "archived"
 FAILED = "failed"
@@ -56,18 +60,6 @@ class ManifestEntry:
             if row.get(k) is None:
                 row[k] = ""
         return ManifestEntry(**row)
-
-
-@dataclass(frozen=True)
-class CodecRecord:
-    name: str
-    version: str
-    checkpoint_hash: str
-    sample_rate: int
-    hop_length: int
-    codebook_size: int
-    n_q: int  # stages stored in this archive
-    kbps_per_channel: float
 
 
 @dataclass(frozen=True)

@@ -85,3 +85,33 @@ def test_checkpoint_hash_changes_with_weights(codec):
     with torch.no_grad():
         other.rvq.codebooks[0, 0, 0] += 1.0
     assert other.checkpoint_hash() != h
+
+
+def test_codec_info_is_the_one_record_of_a_codec(codec):
+    """``info()`` states what the codec is; the archive's record, the window cutter and `audioarc codecs` all
+    read it, so they cannot disagree with the codec."""
+    import pickle
+
+    from pipeline.codec.identity import CodecInfo
+    from pipeline.codec.windows import Windower
+    for c in (codec, load("neural_rvq")):
+        info = c.info()
+        assert isinstance(info, CodecInfo) and pickle.loads(pickle.dumps(info)) == info
+        assert (info.name, info.version, info.checkpoint_hash) == (c.name, c.version, c.checkpoint_hash())
+        assert (info.encode_context, info.decode_context, info.channels) == (
+            tuple(c.encode_context), tuple(c.decode_context), c.channels)
+        assert info.bitrates_kbps() == sorted(c.ladder())
+        for n_q in c.ladder_n_q:
+            assert info.record(n_q) == c.record(n_q)
+            assert info.record(n_q).kbps_per_channel == pytest.approx(c.kbps(n_q))
+        x = tone(1.3, c.sample_rate).T
+        a, b = Windower(c, 20, 1), Windower(info, 20, 1)
+        wa = list(a.push(x)) + list(a.finish())
+        wb = list(b.push(x)) + list(b.finish())
+        assert [(w.start, w.stop) for w in wa] == [(w.start, w.stop) for w in wb]
+        assert all(np.array_equal(p.samples, q.samples) for p, q in zip(wa, wb))
+    rows = {r["name"]: r for r in registry.describe()}
+    assert rows["neural_rvq"]["checkpoint_hash"] == load("neural_rvq").checkpoint_hash()
+    assert rows["neural_rvq"]["bitrates_kbps"] == sorted(load("neural_rvq").ladder())
+    with pytest.raises(ValueError, match="no weights"):
+        codec.info(weights=False).record(8)

@@ -196,7 +196,7 @@ def test_resume_after_killed_job(ray_s3, devs3, s3_prefix, tmp_path):
 
 
 def test_server_restart_mid_encode(ray_s3, devs3, s3_prefix, tmp_path):
-    from pipeline import archive, storage
+    from pipeline import storage
     from pipeline.encode import run_encode
     paths = write_tones(str(tmp_path / "src"), 8, seconds=1.5)
     src, dest = f"{s3_prefix}/src", f"{s3_prefix}/arc"

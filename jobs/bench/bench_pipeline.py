@@ -56,10 +56,9 @@ def host_decode_speed(path: Path, codec_name: str) -> float:
     rate, cut windows with context) for one file in this process, on one core: what a GPU job needs in
     CPU cores per unit of codec throughput (deploy/SCALING.md)."""
     from pipeline.codec import load
-    from pipeline.codec.windows import CodecGeometry
     from pipeline.encode import decode_file
     c = load(codec_name)
-    geom = CodecGeometry.of(c)
+    geom = c.info()
     item = {"source": str(path), "file_id": 1, "size": path.stat().st_size, "prev_hash": ""}
     t = time.perf_counter()
     duration = None
@@ -72,12 +71,11 @@ def host_decode_speed(path: Path, codec_name: str) -> float:
 RSS_CHILD = r"""
 import resource, sys, json
 from pipeline.codec import load
-from pipeline.codec.windows import CodecGeometry
 from pipeline.encode import decode_file
 from pipeline import archive
 import numpy as np, torch
 torch.set_num_threads(1)
-c = load(sys.argv[2]); geom = CodecGeometry.of(c); ctx = sum(c.encode_context)
+c = load(sys.argv[2]); geom = c.info(); ctx = sum(c.encode_context)
 item = {"source": sys.argv[1], "file_id": 1, "size": 1, "prev_hash": ""}
 n = 0
 for row in decode_file(item, geom, window_frames=int(30 * c.frame_rate)):

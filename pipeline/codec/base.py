@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..manifest import CodecRecord
+from .identity import CodecInfo, CodecRecord, kbps
 
 
 class Codec(nn.Module):
@@ -104,7 +104,7 @@ class Codec(nn.Module):
         return {round(self.kbps(k), 3): k for k in self.ladder_n_q}
 
     def kbps(self, n_q: int) -> float:
-        return n_q * math.log2(self.codebook_size) * self.frame_rate / 1000.0
+        return kbps(n_q, self.codebook_size, self.frame_rate)
 
     def n_q_for_kbps(self, kbps: float) -> int:
         """The ladder entry for ``kbps``; raises ValueError naming the ladder if it is not on it."""
@@ -122,7 +122,14 @@ class Codec(nn.Module):
             h.update(tensor.detach().cpu().contiguous().numpy().data)  # (the buffer itself: no copy)
         return h.hexdigest()[:16]
 
+    def info(self, weights: bool = True) -> CodecInfo:
+        """This codec's one record of itself (``identity.py``); ``weights=False``: the architecture alone (no
+        checkpoint hash), for a codec whose weights are not loaded."""
+        return CodecInfo(self.name, self.version, self.checkpoint_hash() if weights else None, self.sample_rate,
+                         self.hop_length, self.codebook_size, self.n_q, self.kbps(1), tuple(self.ladder_n_q),
+                         tuple(self.encode_context), tuple(self.decode_context), self.channels, self.segment_frames,
+                         self.side_gains)
+
     def record(self, n_q: int) -> CodecRecord:
         """What an archive made with ``n_q`` stages of this codec records about it (``archive.json``)."""
-        return CodecRecord(self.name, self.version, self.checkpoint_hash(), self.sample_rate, self.hop_length,
-                           self.codebook_size, n_q, round(self.kbps(n_q), 4))
+        return self.info().record(n_q)

@@ -94,6 +94,27 @@ def spec(name: str) -> CodecSpec:
         ) from None
 
 
+def describe() -> list[dict]:
+    """One row per registered codec (``audioarc codecs``): its spec and its record of itself (``Codec.info``).
+    Codecs that ship no weights are described from their architecture, without a checkpoint hash, and marked
+    ``needs_weights`` (with where to get them)."""
+    out = []
+    for name in names():
+        s = spec(name)
+        row = {"name": name, "description": s.description, "needs_weights": s.needs_weights}
+        try:
+            info = (s.factory() if s.needs_weights else load(name)).info(weights=not s.needs_weights)
+            row.update(sample_rate=info.sample_rate, channels=info.channels, frame_rate=info.frame_rate,
+                       codebook_size=info.codebook_size, n_q=info.n_q, checkpoint_hash=info.checkpoint_hash,
+                       bitrates_kbps=info.bitrates_kbps(), default=name == DEFAULT_CODEC)
+            if s.needs_weights:
+                row["weights"] = s.weights_hint
+        except Exception as e:  # noqa: BLE001 - a codec that cannot be built is listed as unavailable
+            row["unavailable"] = str(e)
+        out.append(row)
+    return out
+
+
 def load(name: str, weights: str | Path | None = None, device: str = "cpu") -> Codec:
     """Instantiate codec ``name`` with ``weights`` (default: the shipped checkpoint), in eval mode.
 

@@ -13,24 +13,7 @@ import numpy as np
 import torch
 
 from .base import Codec
-
-
-@dataclass(frozen=True)
-class CodecGeometry:
-    """What cutting windows needs to know of a codec."""
-
-    sample_rate: int
-    hop_length: int
-    encode_context: tuple[int, int]
-    decode_context: tuple[int, int]
-    channels: int = 1  # audio channels per code stream (2: joint stereo)
-    segment_frames: int = 1  # windows start at multiples of this many frames
-    name: str = ""
-
-    @staticmethod
-    def of(codec: Codec) -> "CodecGeometry":
-        return CodecGeometry(codec.sample_rate, codec.hop_length, tuple(codec.encode_context),
-                             tuple(codec.decode_context), codec.channels, codec.segment_frames, codec.name)
+from .identity import CodecInfo
 
 
 @dataclass(frozen=True)
@@ -49,11 +32,11 @@ class Window:
 class Windower:
     """Feed ``[C, n]`` blocks at the codec's rate with ``push``; collect ``Window``s; call ``finish``.
 
-    ``codec`` may be a ``Codec`` or any object with its geometry (``CodecGeometry``): the decode
-    stage cuts windows without loading the model.
+    ``codec`` may be a ``Codec`` or its record (``CodecInfo``, ``codec.info()``): the decode stage cuts
+    windows without loading the model.
     """
 
-    def __init__(self, codec: "Codec | CodecGeometry", window_frames: int, channels: int):
+    def __init__(self, codec: "Codec | CodecInfo", window_frames: int, channels: int):
         if window_frames < 1:
             raise ValueError("window_frames must be >= 1")
         seg = getattr(codec, "segment_frames", 1)

@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import placement
 from .. import quality as quality_mod
-from ..codec.windows import CodecGeometry
+from ..codec.identity import CodecInfo
 from ..runtime import init_ray
 from ..manifest import CodecRecord
 from . import inprocess
@@ -95,7 +95,7 @@ class _Runtime:
             self.progress = Progress()
         return None
 
-    def stream(self, rows: list[dict], geom: CodecGeometry, window_frames: int, job_tags, crec: CodecRecord,
+    def stream(self, rows: list[dict], geom: CodecInfo, window_frames: int, job_tags, crec: CodecRecord,
                weights: str, n_q: int) -> Iterator[dict[str, np.ndarray]]:
         """Encoded batches (``CodecActor`` output) of the inputs ``rows``, in the order they complete."""
         self.start()

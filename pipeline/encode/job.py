@@ -12,7 +12,6 @@ from .. import archive, storage, telemetry
 from ..audio import AUDIO_EXTENSIONS
 from .. import quality as quality_mod
 from ..codec import registry
-from ..codec.windows import CodecGeometry
 from ..errors import ArchiveFormatError, CodecMismatchError, ConfigError, StorageError
 from ..manifest import ARCHIVED, ArchiveRecord, CodecRecord, ManifestEntry
 from ..quality import StreamingSampler
@@ -80,7 +79,7 @@ def _run_encode(cfg: EncodeConfig, on_progress, job_id: str, dm: "telemetry.Driv
     inputs = _peek(_list_inputs(cfg.src, cfg.input_list))  # a missing SRC fails here, before anything is written
     codec = _load_codec(cfg)
     n_q = codec.n_q_for_kbps(cfg.bitrate_kbps)
-    geom = CodecGeometry.of(codec)
+    geom = codec.info()  # what the decode stage needs of the codec (no model)
     seg = codec.segment_frames  # windows hold whole segments of segment codecs
     window_frames = max(seg, -(-int(round(cfg.window_seconds * codec.frame_rate)) // seg) * seg)
     first = next(inputs, None)

@@ -11,7 +11,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .. import archive, audio, placement, storage, telemetry
-from ..codec.windows import CodecGeometry, Windower
+from ..codec.identity import CodecInfo
+from ..codec.windows import Windower
 from ..errors import InputError, StorageError
 from ..manifest import ARCHIVED, FAILED
 
@@ -81,7 +82,7 @@ def timed_iter(it: Iterable, spent: dict[str, float], key: str) -> Iterator:
         yield item
 
 
-def decode_file(item: dict, geom: CodecGeometry, window_frames: int, block_frames: int = 1 << 16,
+def decode_file(item: dict, geom: CodecInfo, window_frames: int, block_frames: int = 1 << 16,
                 job_tags: dict | None = None) -> Iterator[dict]:
     """One input -> its windows at the codec rate (bounded memory), then one info row.
 
