@@ -287,8 +287,8 @@ def cmd_upgrade(args) -> int:
 
 
 def cmd_codecs(args) -> int:
-    from .restore import codecs_table
-    rows = codecs_table()
+    from .codec.registry import describe
+    rows = describe()
     if args.json:
         _print_json(rows)
         return EXIT_OK
@@ -340,6 +340,12 @@ def cmd_tune(args) -> int:
     else:
         _say(format_table(report))
     return EXIT_OK
+
+
+#: commands whose process never needs pandas: pyarrow imports it (~45 MiB) only to ask whether an argument is a
+#: DataFrame, so their process entrypoint keeps it out (restore of one file from a 10M-entry catalog stays small)
+NO_PANDAS_COMMANDS = frozenset({"restore", "ls", "inspect"})
+
 
 
 JOB_COMMANDS = {"train": "jobs.train_codec", "codec-eval": "jobs.tools.codec_eval"}
@@ -574,6 +580,9 @@ def main(argv: list[str] | None = None, out=None) -> int:
     if argv and argv[0] in JOB_COMMANDS:
         return cmd_job(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
+    if entrypoint and args.command in NO_PANDAS_COMMANDS and "pandas" not in sys.modules:
+        from .runtime import keep_pandas_out
+        keep_pandas_out()
     if entrypoint and args.command == "demo" and not getattr(args, "verbose", False) \
             and not os.environ.get("AUDIOARC_RAY_LOGS"):
         from .runtime import route_ray_logs

@@ -145,6 +145,7 @@ def run_restore(cfg: RestoreConfig) -> RestoreResult:
     if not chosen:
         what = f"matching {' '.join(cfg.patterns)}" if cfg.patterns else "archived"
         raise ArchiveFormatError(f"{cfg.dest}: no files {what}; `audioarc ls {cfg.dest}` lists the archive")
+    archive.catalog.release_memory()
     codec = archive.load_codec(cfg.dest, rec, cfg.codec_weights)  # fail fast, before any worker starts
     n_q = prefix_stages(codec, rec, cfg.bitrate_kbps)
     n_q = None if n_q == rec.codec.n_q else n_q
@@ -213,26 +214,4 @@ def inspect(dest: str) -> dict:
         "weights": rec.weights.path if rec.weights else None,
         "failures": [{"source": e.source, "reason": e.reason} for e in sorted(failed, key=lambda e: e.relpath)],
     }
-
-
-def codecs_table() -> list[dict]:
-    """One row per registered codec (``audioarc codecs``). Codecs that ship no weights are described
-    from their architecture and marked ``needs_weights`` (pass ``--codec-weights PATH``)."""
-    from .codec import registry
-    out = []
-    for name in registry.names():
-        s = registry.spec(name)
-        row = {"name": name, "description": s.description, "needs_weights": s.needs_weights}
-        try:
-            c = s.factory() if s.needs_weights else registry.load(name)
-            row.update(sample_rate=c.sample_rate, channels=c.channels, frame_rate=c.frame_rate,
-                       codebook_size=c.codebook_size, n_q=c.n_q,
-                       checkpoint_hash=None if s.needs_weights else c.checkpoint_hash(),
-                       bitrates_kbps=sorted(c.ladder()), default=name == registry.DEFAULT_CODEC)
-            if s.needs_weights:
-                row["weights"] = s.weights_hint
-        except Exception as e:  # noqa: BLE001 - a codec that cannot be built is listed as unavailable
-            row["unavailable"] = str(e)
-        out.append(row)
-    return out
 

@@ -9,6 +9,33 @@ import time
 
 from . import storage
 
+# -- pandas kept out of light commands --------------------------------------------------------------
+class _NoPandas:
+    """An import finder that reports pandas as not installed."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name == "pandas" or name.startswith("pandas."):
+            raise ModuleNotFoundError(f"No module named {name!r} (kept out of this process)", name=name)
+        return None
+
+
+_NO_PANDAS = _NoPandas()
+
+
+def keep_pandas_out() -> None:
+    """From now on ``import pandas`` fails in this process until Ray starts (Ray Data needs it). pyarrow imports
+    pandas (~45 MiB) only to ask whether an argument is a DataFrame and goes on without it; ``restore``, ``ls``
+    and ``inspect`` never use it, so their process entrypoint calls this."""
+    if "pandas" not in sys.modules and _NO_PANDAS not in sys.meta_path:
+        sys.meta_path.insert(0, _NO_PANDAS)
+
+
+def _let_pandas_in() -> None:
+    if _NO_PANDAS in sys.meta_path:
+        sys.meta_path.remove(_NO_PANDAS)
+
+
 # -- Ray's own log lines ------------------------------------------------------------------------------
 # Ray prints to the driver's terminal from Python loggers ("ray", "ray.data": start-up warnings, "Dataset ...
 # execution finished") and from its C++ core worker, which writes error-level lines to file descriptor 2
@@ -103,6 +130,7 @@ def init_ray(address: str | None = None) -> None:
     """Connect to ``address`` / RAY_ADDRESS, or start a local single node on loopback."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    _let_pandas_in()
     import ray
     if ray.is_initialized():
         return

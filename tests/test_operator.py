@@ -11,19 +11,21 @@ from pathlib import Path
 import pytest
 
 from tests import audio_factory as af
+from tests.content import spectrogram_similarity
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # runs the CLI as `python -m pipeline.cli ARGS`, then reports which heavy modules it imported
 WRAPPER = """
-import runpy, sys
+import os, runpy, sys
+err = os.fdopen(os.dup(2), "w")  # the terminal's stderr, even where the CLI sends file descriptor 2 to Ray's log
 sys.argv = ["audioarc", *sys.argv[1:]]
 try:
     runpy.run_module("pipeline.cli", run_name="__main__")
 except SystemExit as e:
     code = e.code
-print("IMPORTED:" + ",".join(m for m in ("torch", "ray", "ray.data", "matplotlib") if m in sys.modules),
-      file=sys.__stderr__)
+print("IMPORTED:" + ",".join(m for m in ("torch", "ray", "ray.data", "matplotlib", "pandas") if m in sys.modules),
+      file=err)
 """
 # a line Ray writes itself: its log prefixes (Python "2026-01-01 10:00:00,123\tWARNING", C++ "[2026-... E ...]")
 # and the lines issue 16 saw on every encode
@@ -86,6 +88,36 @@ def test_ls_and_inspect_of_an_archive_start_without_torch_or_ray(quiet_encode):
         mods, out = _imports([cmd, str(root / "arc")], _env(root))
         assert out.returncode == 0, out.stderr[-2000:]
         assert ("m0.wav" if cmd == "ls" else "neural_rvq") in out.stdout
-        assert not mods & {"torch", "ray"}, (cmd, mods)
+        assert not mods & {"torch", "ray", "pandas"}, (cmd, mods)
     mods, out = _imports(["codecs"], _env(root))  # loads the codecs (torch), but no Ray
     assert "neural_rvq" in out.stdout and "ray" not in mods
+
+
+def test_restore_of_a_few_files_needs_neither_ray_nor_pandas(quiet_encode):
+    """Restoring one file is a small process: no Ray start-up, and pyarrow's optional pandas (~45 MiB) kept out."""
+    import soundfile as sf
+    root, r = quiet_encode
+    assert r.returncode == 0, r.stderr[-3000:]
+    mods, out = _imports(["restore", str(root / "arc"), str(root / "one"), "m1.wav"], _env(root))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert not mods & {"ray", "pandas"}, mods
+    got, rate = sf.read(root / "one" / "m1.flac")
+    want, _ = sf.read(root / "src" / "m1.wav")
+    assert rate == 24000 and got.shape == want.shape
+    # the chirp came back (at 6 kbps its log spectrogram scores ~0.5; silence 0, noise or a sine ~0)
+    assert spectrogram_similarity(want, got, rate) > 0.3
+
+
+def test_pandas_is_kept_out_until_ray_starts():
+    code = ("import sys\n"
+            "from pipeline.runtime import keep_pandas_out, _let_pandas_in\n"
+            "keep_pandas_out()\n"
+            "import pyarrow as pa, pyarrow.compute as pc\n"
+            "assert pc.equal(pa.array(['a', 'b']), 'a').to_pylist() == [True, False]\n"
+            "assert 'pandas' not in sys.modules\n"
+            "try:\n    import pandas\nexcept ModuleNotFoundError:\n    pass\nelse:\n    raise SystemExit('pandas imported')\n"
+            "_let_pandas_in()\n"
+            "import pandas\n"
+            "print('ok', pandas.__name__)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok pandas", r.stderr[-2000:]

@@ -114,6 +114,12 @@ def batches(dest: str, columns: list[str] | None = None, filter=None, prune=None
         raise _damaged(dest, e) from None
 
 
+def release_memory() -> None:
+    """Hand the memory pyarrow pooled for catalog reads back to the system (a lookup's decoded row groups), so a
+    restore's peak is the catalog read or the codec, not both."""
+    pa.default_memory_pool().release_unused()
+
+
 def _isin(column: str, values: list):
     import pyarrow.dataset as pds
     values = sorted(set(values))
