@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from pipeline import audio, corpus
-from pipeline.codec.mdct import MdctRvqCodec
+from pipeline.codec.mdct import MdctRvqCodec, perceptual_weight
 from pipeline.codec.rvq import fit_residual_kmeans
 
 
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     # per-bin scale: perceptual weight / std of the companded coefficient
     raw = collect_features(codec, files, args.seconds_per_file, args.vectors, args.seed)
     std = raw.std(0).clamp_min(1e-4)
-    codec.bin_scale.copy_(MdctRvqCodec.perceptual_weight(codec.hop_length, codec.sample_rate) / std)
+    codec.bin_scale.copy_(perceptual_weight(codec.hop_length, codec.sample_rate) / std)
     feats = raw * codec.bin_scale[None, :]
     print(f"{len(files)} files, {len(feats)} vectors of {feats.shape[1]} dims; fitting {args.n_q} stages")
     books = fit_residual_kmeans(feats, codec.codebook_size, args.n_q, iters=args.iters, seed=args.seed,

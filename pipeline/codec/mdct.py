@@ -45,6 +45,13 @@ class MDCT(torch.nn.Module):
         return out.reshape(b, (f + 1) * n)
 
 
+def perceptual_weight(n_bins: int, sample_rate: int) -> torch.Tensor:
+    """Weight per MDCT bin (``[n_bins]``): flat to 4 kHz, falling as (f / 4 kHz)^-0.7 above (both codecs' training
+    losses and the MDCT codec's bin scale use it)."""
+    f = (torch.arange(n_bins) + 0.5) * sample_rate / (2 * n_bins)
+    return torch.clamp(f / 4000.0, min=1.0).pow(-0.7)
+
+
 class MdctRvqCodec(Codec):
     """MDCT frames -> companding + perceptual weighting -> residual k-means RVQ."""
 
@@ -68,11 +75,6 @@ class MdctRvqCodec(Codec):
         # per-bin scale applied after companding (learned: 1 / weighted std); ones until trained
         self.register_buffer("bin_scale", torch.ones(self.hop_length))
 
-    @staticmethod
-    def perceptual_weight(n_bins: int, sample_rate: int) -> torch.Tensor:
-        """Weight per MDCT bin: flat to 4 kHz, falling as (f / 4 kHz)^-0.7 above."""
-        f = (torch.arange(n_bins) + 0.5) * sample_rate / (2 * n_bins)
-        return torch.clamp(f / 4000.0, min=1.0).pow(-0.7)
 
     def features(self, wav: torch.Tensor) -> torch.Tensor:
         """``wav: [B, 1, (F+1)*hop]`` -> quantizer-domain features ``[B, hop, F]``."""

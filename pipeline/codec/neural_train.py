@@ -11,9 +11,10 @@ import random
 import torch
 import torch.nn.functional as F
 
+from .mdct import perceptual_weight
 from .metrics import multiscale_mel_loss
 from .neural import NeuralRvqCodec
-from .rvq import ResidualVQ
+from .rvq import ResidualVQ, fit_residual_kmeans
 
 
 class EmaRvqTrainer:
@@ -68,7 +69,7 @@ class EmaRvqTrainer:
     @torch.no_grad()
     def kmeans_init(self, latents: torch.Tensor, iters: int = 6, log=None) -> None:
         """``latents: [N, D]`` -> residual k-means codebooks (needs N >= K)."""
-        books = residual_kmeans(latents, self.codec.codebook_size, self.codec.n_q, iters=iters, gen=self.gen)
+        books = fit_residual_kmeans(latents, self.codec.codebook_size, self.codec.n_q, iters=iters, gen=self.gen)
         books[:, 0] = 0.0  # entry 0 = zero vector (the padding code; see neural.py)
         if log is not None:
             log(f"k-means init: {self.codec.n_q} stages on {len(latents)} vectors")
@@ -171,37 +172,6 @@ class EmaRvqTrainer:
         if reset:
             self.usage.zero_()
         return out
-
-
-@torch.no_grad()
-def residual_kmeans(x: torch.Tensor, k: int, n_q: int, iters: int = 6, gen: torch.Generator | None = None):
-    """Residual k-means for codebook init (random-point seeding, empty clusters re-seeded); works for any N."""
-    gen = gen or torch.Generator().manual_seed(0)
-    residual = x.clone()
-    books = []
-    for _ in range(n_q):
-        n = residual.shape[0]
-        pick = torch.randint(n, (k,), generator=gen) if n < k else torch.randperm(n, generator=gen)[:k]
-        scale = residual.std().clamp_min(1e-6)
-        c = residual[pick] + 1e-2 * scale * torch.randn(k, residual.shape[1], generator=gen)
-        for _ in range(iters):
-            idx = ResidualVQ.nearest(residual, c)
-            counts = torch.bincount(idx, minlength=k).float()
-            sums = torch.zeros_like(c).index_add_(0, idx, residual)
-            empty = counts == 0
-            c = torch.where(empty[:, None], c, sums / counts.clamp_min(1)[:, None])
-            if empty.any():
-                r = torch.randint(n, (int(empty.sum()),), generator=gen)
-                c[empty] = residual[r] + 1e-2 * scale * torch.randn(len(r), residual.shape[1], generator=gen)
-        idx = ResidualVQ.nearest(residual, c)
-        residual = residual - c[idx]
-        books.append(c)
-    return torch.stack(books)
-
-
-def perceptual_weight(n_bins: int, sample_rate: int) -> torch.Tensor:
-    f = (torch.arange(n_bins) + 0.5) * sample_rate / (2 * n_bins)
-    return torch.clamp(f / 4000.0, min=1.0).pow(-0.7)
 
 
 def sample_n_q(batch: int, ladder: tuple[int, ...], rng: random.Random, p_full: float = 0.3,

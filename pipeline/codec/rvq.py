@@ -124,13 +124,38 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> torch.Ten
     return c
 
 
+@torch.no_grad()
+def kmeans_random(x: torch.Tensor, k: int, iters: int, gen: torch.Generator) -> torch.Tensor:
+    """Lloyd k-means seeded with ``k`` random points (with replacement when there are fewer, jittered), empty
+    clusters re-seeded the same way: cheap to start and defined for any N (a training run's codebook init).
+    ``x: [N, D]`` -> ``[k, D]``."""
+    n = x.shape[0]
+    pick = torch.randint(n, (k,), generator=gen) if n < k else torch.randperm(n, generator=gen)[:k]
+    scale = x.std().clamp_min(1e-6)
+    c = x[pick] + 1e-2 * scale * torch.randn(k, x.shape[1], generator=gen)
+    for _ in range(iters):
+        idx = ResidualVQ.nearest(x, c)
+        counts = torch.bincount(idx, minlength=k).float()
+        sums = torch.zeros_like(c).index_add_(0, idx, x)
+        empty = counts == 0
+        c = torch.where(empty[:, None], c, sums / counts.clamp_min(1)[:, None])
+        if empty.any():
+            r = torch.randint(n, (int(empty.sum()),), generator=gen)
+            c[empty] = x[r] + 1e-2 * scale * torch.randn(len(r), x.shape[1], generator=gen)
+    return c
+
+
 def fit_residual_kmeans(x: torch.Tensor, codebook_size: int, n_q: int, iters: int = 20, seed: int = 0,
-                        log=None) -> torch.Tensor:
-    """Residual k-means: codebook q is k-means on what stages ``< q`` left. ``x: [N, D]`` -> ``[n_q, K, D]``."""
+                        log=None, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Residual k-means: codebook q is k-means on what stages ``< q`` left. ``x: [N, D]`` -> ``[n_q, K, D]``.
+
+    Without ``gen``: ``kmeans`` (k-means++ seeding, farthest-point re-seeding; the MDCT codec's codebooks, fitted
+    on millions of frames). With ``gen``: ``kmeans_random`` drawing from it (the neural trainer's init)."""
     residual = x.clone()
     books = []
     for q in range(n_q):
-        c = kmeans(residual, codebook_size, iters=iters, seed=seed + q)
+        c = (kmeans(residual, codebook_size, iters=iters, seed=seed + q) if gen is None
+             else kmeans_random(residual, codebook_size, iters, gen))
         idx = torch.cat([ResidualVQ.nearest(chunk, c) for chunk in residual.split(65536)])
         residual = residual - c[idx]
         books.append(c)
