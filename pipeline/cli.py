@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -35,6 +36,12 @@ def _say(*parts, **kw) -> None:
 
 def _print_json(obj) -> None:
     _say(json.dumps(obj, indent=2, default=str))
+
+
+def _default(cls, name: str):
+    """The default of field ``name`` of dataclass ``cls``: each option's default is stated there, once."""
+    (f,) = [f for f in dataclasses.fields(cls) if f.name == name]
+    return f.default
 
 
 def _human_bytes(n: float) -> str:
@@ -116,7 +123,7 @@ def _quality_config(args, fraction: float):
     from .quality import QualityConfig, parse_gates
     return QualityConfig(fraction=fraction, seed=args.quality_seed, excerpt_seconds=args.excerpt_seconds,
                          visqol=not args.no_visqol, gates=parse_gates(args.min_quality),
-                         min_files=getattr(args, "quality_min_files", 20)).validate()
+                         min_files=getattr(args, "quality_min_files", _default(QualityConfig, "min_files"))).validate()
 
 
 def _print_quality(summary: dict, violations: list[dict]) -> None:
@@ -144,11 +151,13 @@ def cmd_quality(args) -> int:
 
 
 def _add_quality_options(p) -> None:
+    from .quality.config import QualityConfig
     p.add_argument("--min-quality", help="quality floor, e.g. 'mel<=1.2,stoi>=0.7' (exit 4 if a sampled file "
                    "falls below)")
-    p.add_argument("--quality-seed", type=int, default=0, help="seed of the stratified sample")
-    p.add_argument("--excerpt-seconds", type=float, default=30.0, help="seconds evaluated per sampled file "
-                   "(from its middle; 0 = whole file)")
+    p.add_argument("--quality-seed", type=int, default=_default(QualityConfig, "seed"),
+                   help="seed of the stratified sample")
+    p.add_argument("--excerpt-seconds", type=float, default=_default(QualityConfig, "excerpt_seconds"),
+                   help="seconds evaluated per sampled file (from its middle; 0 = whole file)")
     p.add_argument("--no-visqol", action="store_true", help="skip ViSQOL (slow) even when installed")
 
 
@@ -371,7 +380,9 @@ VERBOSE_HELP = ("show Ray's own log lines on the terminal (by default they go to
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .codec.registry import DEFAULT_CODEC
+    from .encode.config import EXECUTORS, EncodeConfig  # light: the defaults, no torch
+    from .quality.config import QualityConfig
+    from .rebitrate.config import RebitrateConfig
     p = argparse.ArgumentParser(prog="audioarc", description="Archive audio collections with a neural RVQ codec.")
     p.add_argument("--version", action="version", version=f"audioarc {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -379,15 +390,18 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("encode", help="archive a folder/URL prefix of audio into DEST")
     e.add_argument("src", help="folder or URL prefix of audio files (or one file)")
     e.add_argument("dest", help="archive root (folder or URL)")
-    e.add_argument("--bitrate", type=float, default=6.0, help="kbps per channel, on the codec's ladder (default 6)")
-    e.add_argument("--codec", default=DEFAULT_CODEC, help=f"codec name (default {DEFAULT_CODEC}; see `codecs`)")
+    bitrate, codec = _default(EncodeConfig, "bitrate_kbps"), _default(EncodeConfig, "codec")
+    e.add_argument("--bitrate", type=float, default=bitrate,
+                   help=f"kbps per channel, on the codec's ladder (default {bitrate:g})")
+    e.add_argument("--codec", default=codec, help=f"codec name (default {codec}; see `codecs`)")
     e.add_argument("--codec-weights", help="checkpoint file for the codec (default: the shipped one)")
-    e.add_argument("--window-seconds", type=float, default=30.0, help="codec window length (memory bound)")
+    e.add_argument("--window-seconds", type=float, default=_default(EncodeConfig, "window_seconds"),
+                   help="codec window length (memory bound)")
     e.add_argument("--actors", type=int, help="codec actors (default: 1 per GPU, else 1 per CPU)")
     e.add_argument("--gpus-per-actor", type=float, help="GPUs per codec actor (fractional packs several)")
     e.add_argument("--threads-per-actor", type=int, help="torch threads per CPU codec actor (default: 1 under "
                    "Ray; in-process, every core)")
-    e.add_argument("--executor", choices=["auto", "local", "ray"], default="auto",
+    e.add_argument("--executor", choices=EXECUTORS, default=_default(EncodeConfig, "executor"),
                    help="where the stages run: local = in this process (no Ray start-up), ray = a Ray Data "
                    "pipeline with codec actors; auto (default): ray with --address/RAY_ADDRESS, --actors or a "
                    "GPU, else local")
@@ -399,24 +413,29 @@ def build_parser() -> argparse.ArgumentParser:
                    "--actors or 1)")
     e.add_argument("--max-actors", type=int, help="autoscaling codec actor pool: most actors (default "
                    "--actors, else 1 per GPU slot or 1 per CPU)")
-    e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+    e.add_argument("--precision", default=_default(EncodeConfig, "precision"), choices=["fp32", "bf16", "fp16"],
                    help="GPU autocast precision (CPU always fp32); check fidelity with jobs/bench/bench_codec.py")
-    e.add_argument("--commit-every", type=int, default=500, help="files per committed generation")
-    e.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MiB")
+    e.add_argument("--commit-every", type=int, default=_default(EncodeConfig, "commit_every"),
+                   help="files per committed generation")
+    e.add_argument("--shard-mb", type=float, default=_default(EncodeConfig, "shard_mb"),
+                   help="target shard size in MiB")
     e.add_argument("--address", help="Ray cluster: http://HEAD:8265 submits this command as a Ray job; "
                    "HOST:PORT or ray://HOST:10001 connects this driver (default: RAY_ADDRESS or a local node)")
-    e.add_argument("--quality-sample", type=float, default=0.02,
-                   help="fraction of files to sample for fidelity beside the encode (0 = off; default 0.02)")
-    e.add_argument("--quality-min-files", type=int, default=20, metavar="N",
-                   help="sample at least N files (every file of a smaller job), then the fraction (default 20)")
+    fraction, min_files = _default(QualityConfig, "fraction"), _default(QualityConfig, "min_files")
+    e.add_argument("--quality-sample", type=float, default=fraction,
+                   help=f"fraction of files to sample for fidelity beside the encode (0 = off; default {fraction:g})")
+    e.add_argument("--quality-min-files", type=int, default=min_files, metavar="N",
+                   help=f"sample at least N files (every file of a smaller job), then the fraction (default "
+                   f"{min_files})")
     _add_quality_options(e)
     e.add_argument("--input-list", metavar="FILE",
                    help="encode the inputs listed in FILE (path or URL) instead of listing SRC: text with one "
                         "URI per line, or CSV/Parquet with a uri or key column (an S3 Inventory report works); "
                         "keys are relative to SRC")
     e.add_argument("--metrics-port", type=int, help="serve job metrics for Prometheus on this port (0: any free)")
-    e.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint (default loopback)")
-    e.add_argument("--metrics-linger", type=float, default=0.0, metavar="SECONDS",
+    e.add_argument("--metrics-host", default=_default(EncodeConfig, "metrics_host"),
+                   help="address of the metrics endpoint (default loopback)")
+    e.add_argument("--metrics-linger", type=float, default=_default(EncodeConfig, "metrics_linger"), metavar="SECONDS",
                    help="after the job, keep the endpoint up until its final values were scraped (at most this)")
     e.add_argument("--no-metrics", action="store_true", help="no worker-side Ray metrics (overhead checks)")
     e.add_argument("--rehash", action="store_true", help="read and hash every input to find changes, even those "
@@ -462,8 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("patterns", nargs="*", help="glob patterns on the source path (default: everything)")
     rb.add_argument("--bitrate", type=float, required=True, help="kbps per channel, on the codec's ladder, at "
                     "most DEST's")
-    rb.add_argument("--commit-every", type=int, default=500, help="files per committed generation")
-    rb.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MiB")
+    rb.add_argument("--commit-every", type=int, default=_default(RebitrateConfig, "commit_every"),
+                    help="files per committed generation")
+    rb.add_argument("--shard-mb", type=float, default=_default(RebitrateConfig, "shard_mb"),
+                    help="target shard size in MiB")
     rb.add_argument("--codec-weights", help="checkpoint of the archive's codec, if it does not carry it")
     rb.add_argument("--json", action="store_true")
     rb.set_defaults(fn=cmd_rebitrate)

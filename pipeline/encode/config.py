@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-
+from typing import TYPE_CHECKING
 
 from ..codec import registry
 from ..errors import ConfigError
-from ..quality import QualityConfig
 
+if TYPE_CHECKING:
+    from ..quality.config import QualityConfig
 
 EXECUTORS = ("auto", "local", "ray")
 
@@ -33,7 +34,7 @@ class EncodeConfig:
     commit_every: int = 500  # files per committed generation (resume granularity)
     shard_mb: float = 64.0  # target shard size: rows are bundled into write tasks of about this much
     address: str | None = None
-    quality: "QualityConfig | None" = None  # quality sampling beside the encode; None = off
+    quality: QualityConfig | None = None  # quality sampling beside the encode; None = off
     input_list: str | None = None  # text/CSV/Parquet list of inputs (e.g. an S3 Inventory report) instead of listing SRC
     metrics_port: int | None = None  # serve job-level metrics (prometheus_client) on this port; 0: any free
     metrics_host: str = "127.0.0.1"
@@ -48,7 +49,7 @@ class EncodeConfig:
             return self.batch_windows
         return max(1, int(round(self.batch_seconds / self.window_seconds)))
 
-    def validate(self) -> "EncodeConfig":
+    def validate(self) -> EncodeConfig:
         if self.bitrate_kbps <= 0:
             raise ConfigError(f"--bitrate must be positive, got {self.bitrate_kbps}")
         if not 1.0 <= self.window_seconds <= 600:

@@ -1,5 +1,4 @@
-"""Quality sampling: stratified seeded choice of archived files, per-file fidelity metrics against the
-originals, quality gates, and the results table (Parquet in the archive) behind the HTML report."""
+"""Quality measurement: seeded stratified sampling, fidelity metrics, the results table, ``audioarc quality``."""
 from __future__ import annotations
 
 import hashlib
@@ -7,81 +6,19 @@ import heapq
 import io
 import json
 import math
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import archive, audio, storage
-from .codec.windows import Joiner
-from .errors import ConfigError
-from .manifest import ARCHIVED, ArchiveRecord, ManifestEntry
+from .. import archive, audio, storage
+from ..codec.windows import Joiner
+from ..errors import ConfigError
+from ..manifest import ARCHIVED, ArchiveRecord, ManifestEntry
+from .config import GATE_METRICS, Gate, QualityConfig
 
-# gate name -> (row column, allowed comparison)
-GATE_METRICS = {
-    "mel": "mel", "mel_24k": "mel_24k", "si_sdr": "si_sdr", "si_sdr_24k": "si_sdr_24k", "stoi": "stoi",
-    "visqol": "visqol", "lufs_diff": "lufs_diff_abs", "clipping": "clipping_added",
-    "bandwidth": "bandwidth_ratio", "ratio": "compression_ratio", "tones": "tones",
-}
 DURATION_BUCKETS = ((10, "<10s"), (60, "10s-1m"), (600, "1m-10m"), (3600, "10m-1h"), (math.inf, ">1h"))
-
-
-@dataclass(frozen=True)
-class Gate:
-    metric: str
-    op: str  # "<=" or ">="
-    value: float
-
-    @property
-    def column(self) -> str:
-        """The results column this floor tests."""
-        return GATE_METRICS[self.metric]
-
-    def passes(self, row: dict) -> bool:
-        v = row.get(self.column)
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return True  # not measured for this file (e.g. STOI on music): no verdict
-        return v <= self.value if self.op == "<=" else v >= self.value
-
-    def __str__(self) -> str:
-        return f"{self.metric}{self.op}{self.value:g}"
-
-
-def parse_gates(text: str | None) -> tuple[Gate, ...]:
-    """``"mel<=1.2,stoi>=0.7"`` -> gates; raises ConfigError naming what is wrong."""
-    if not text:
-        return ()
-    gates = []
-    for part in text.split(","):
-        m = re.fullmatch(r"\s*([a-z_0-9]+)\s*(<=|>=)\s*(-?[0-9.]+)\s*", part)
-        if not m or m.group(1) not in GATE_METRICS:
-            raise ConfigError(f"--min-quality: cannot read {part.strip()!r}; write e.g. 'mel<=1.2,stoi>=0.7' "
-                              f"with metrics {', '.join(GATE_METRICS)}")
-        gates.append(Gate(m.group(1), m.group(2), float(m.group(3))))
-    return tuple(gates)
-
-
-@dataclass(frozen=True)
-class QualityConfig:
-    fraction: float = 0.02  # of archived files, sampled during encode
-    seed: int = 0
-    min_files: int = 20  # sampled during encode at least (every file of a job this small), then the fraction
-    excerpt_seconds: float = 30.0  # evaluated span per file (from its middle); 0 = whole file
-    visqol: bool = True  # when visqol-python is installed
-    visqol_seconds: float = 8.0
-    gates: tuple[Gate, ...] = ()
-    worst_spectrograms: int = 3
-    listen_files: int = 8  # worst files with original/restored excerpt players on the report page
-    listen_seconds: float = 8.0
-
-    def validate(self) -> "QualityConfig":
-        if not 0.0 <= self.fraction <= 1.0:
-            raise ConfigError(f"--quality-sample must be in [0, 1], got {self.fraction}")
-        if self.min_files < 0:
-            raise ConfigError(f"--quality-min-files must be >= 0, got {self.min_files}")
-        return self
 
 
 # -- sampling -------------------------------------------------------------------------------------
@@ -214,7 +151,7 @@ def speech_like(x: np.ndarray, rate: int) -> bool:
 
 def compare(ref: np.ndarray, deg: np.ndarray, rate: int) -> dict:
     """Metrics of ``deg`` against ``ref`` (both ``[C, T]`` at ``rate``), at that rate and channel count."""
-    from .codec import metrics as M
+    from ..codec import metrics as M
     mel = float(np.mean([M.mel_distance(ref[c], deg[c], rate) for c in range(ref.shape[0])]))
     sdr = float(np.mean([M.si_sdr(ref[c], deg[c]) for c in range(ref.shape[0])]))
     l_ref, l_deg = loudness(ref, rate), loudness(deg, rate)
@@ -265,7 +202,7 @@ def _measure(dest: str, rec: ArchiveRecord, entry: ManifestEntry, cfg: QualityCo
              weights: str | None = None) -> dict:
     import soundfile as sf
 
-    from .codec import metrics as M
+    from ..codec import metrics as M
     if codec is None:
         codec = archive.load_codec(dest, rec, weights)
     sr, cr = entry.sample_rate, codec.sample_rate
@@ -413,7 +350,7 @@ def finish(dest: str, job_id: str, rows: list[dict], cfg: QualityConfig, context
     the population the sample was drawn from (the summary and the page say "N of M measured")."""
     from datetime import datetime, timezone
 
-    from .report import render_report
+    from ..report import render_report
     summary, violations = summarize(rows, cfg.gates)
     if files_archived is not None:
         summary["files_archived"] = files_archived
@@ -432,8 +369,8 @@ def finish(dest: str, job_id: str, rows: list[dict], cfg: QualityConfig, context
 def run_quality(dest: str, cfg: QualityConfig, sample: int | None = None, patterns: tuple[str, ...] = (),
                 address: str | None = None, weights: str | None = None) -> QualityResult:
     """``audioarc quality``: evaluate ``sample`` stratified files (or those matching ``patterns``) as Ray tasks."""
-    from .runtime import init_ray
-    from .select import select
+    from ..runtime import init_ray
+    from ..select import select
     cfg.validate()
     rec, entries = archive.open_archive(dest)
     if patterns:

@@ -1,46 +1,16 @@
-"""Rebitrate: a lower-rate copy of an archive's files, in a new archive, from a prefix of their RVQ stages.
-
-RVQ stage k only refines stages 1..k-1, so the first ``n_q(B)`` stages of a file's codes are its codes at a lower
-rate B. No codec forward pass: code rows are read (checked), sliced, packed again and written as a complete format
-2.0 archive at NEW_DEST through the archive API; a re-run skips files NEW_DEST holds with the same content hash.
-Not done: lowering the rate of selected files in place (the format fixes one ``n_q`` per archive). A rung whose
-encoder searches stages jointly (neural_rvq's 1.5 kbps pair search) differs from a plain prefix of a higher rate
-(``jobs/bench/bench_rebitrate.py`` measures it).
-"""
+"""The rebitrate job: ``run_rebitrate`` copies the first stages of files' code rows into a new archive."""
 from __future__ import annotations
 
 import json
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from . import archive, storage
-from .errors import ConfigError, IntegrityError
-from .manifest import ARCHIVED, FAILED, Location, ManifestEntry
-from .select import select
-
-
-@dataclass(frozen=True)
-class RebitrateConfig:
-    dest: str  # the archive to read
-    new_dest: str  # the archive to write (created, or added to)
-    bitrate_kbps: float
-    patterns: tuple[str, ...] = ()
-    commit_every: int = 500  # files per committed generation
-    shard_mb: float = 64.0
-    codec_weights: str | None = None
-
-    def validate(self) -> "RebitrateConfig":
-        if self.commit_every < 1:
-            raise ConfigError(f"--commit-every must be >= 1, got {self.commit_every}")
-        if self.shard_mb <= 0:
-            raise ConfigError(f"--shard-mb must be > 0, got {self.shard_mb}")
-        if storage.absolute(self.dest).rstrip("/") == storage.absolute(self.new_dest).rstrip("/"):
-            raise ConfigError(f"{self.new_dest}: NEW_DEST is DEST; an archive's rate is fixed, so rebitrate writes "
-                              f"a new archive: choose another NEW_DEST")
-        if storage.is_local(self.new_dest) and os.path.isfile(storage.local_path(self.new_dest)):
-            raise ConfigError(f"{self.new_dest}: NEW_DEST is a file, not a folder; choose a folder (or URL prefix)")
-        return self
+from .. import archive, storage
+from ..errors import ConfigError, IntegrityError
+from ..manifest import ARCHIVED, FAILED, Location, ManifestEntry
+from ..select import select
+from .config import RebitrateConfig
 
 
 class _Generation:
