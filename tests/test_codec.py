@@ -115,3 +115,38 @@ def test_codec_info_is_the_one_record_of_a_codec(codec):
     assert rows["neural_rvq"]["bitrates_kbps"] == sorted(load("neural_rvq").ladder())
     with pytest.raises(ValueError, match="no weights"):
         codec.info(weights=False).record(8)
+
+
+@pytest.mark.parametrize("name", ["mdct_rvq", "neural_rvq"])
+def test_long_windows_decode_in_bounded_blocks_with_the_same_samples(name):
+    """A window longer than the joiner's decode block is decoded in several passes, each with its context: the
+    samples equal a one-pass decode (bit for bit at the default 10 s block), and no pass decodes more than a
+    block, whatever window length the archive was written with."""
+    from pipeline.codec.windows import DECODE_BLOCK_SECONDS, Joiner
+    c = load(name)
+    x = tone(25.0, c.sample_rate, kind="chirp").T
+    codes = encode_array(c, x, 8, window_frames=10_000)  # one 25 s window
+    passes = []
+    real = c.decode
+
+    def counting(k):
+        passes.append(k.shape[-1])
+        return real(k)
+
+    out = {}
+    for block in (None, DECODE_BLOCK_SECONDS, 3.0):
+        j = Joiner(c, x.shape[1], block_seconds=block)
+        passes.clear()
+        c.decode = counting
+        try:
+            out[block] = np.concatenate([*j.feed(codes), *j.finish()], axis=1)
+        finally:
+            del c.decode
+        if block is None:
+            assert len(passes) <= 2  # the window in one pass (and the flush of its last frames)
+        else:
+            limit = math.ceil(block * c.frame_rate) + sum(c.decode_context)
+            assert len(passes) >= 25 // block and max(passes) <= limit, (block, passes)
+    assert out[None].shape == x.shape
+    np.testing.assert_array_equal(out[DECODE_BLOCK_SECONDS], out[None])
+    np.testing.assert_allclose(out[3.0], out[None], atol=1e-5)

@@ -6,6 +6,7 @@ is bounded by the window length, whatever the length of the file.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -14,6 +15,9 @@ import torch
 
 from .base import Codec
 from .identity import CodecInfo
+
+#: the most audio one decoder pass of ``Joiner`` makes (its working memory: ~1 MiB a second for neural_rvq)
+DECODE_BLOCK_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -94,10 +98,13 @@ class Joiner:
     ``feed(codes: [S, K, frames], gains: [S, segments] | None)`` with consecutive windows (``S`` code
     streams; gains only for ``side_gains`` codecs); ``finish()`` flushes the last one. ``channels``: the
     file's channel count, when a joint-stereo codec's output must be mixed down (a mono file coded as
-    stereo); default: whatever the codec gives, ``S * codec.channels``.
+    stereo); default: whatever the codec gives, ``S * codec.channels``. ``block_seconds``: the most audio one
+    decoder pass makes (a long window is decoded in such blocks, each with its context: the same samples, and
+    memory bounded whatever window length the archive was written with); None: each window in one pass.
     """
 
-    def __init__(self, codec: Codec, n_samples: int, device: str = "cpu", channels: int | None = None):
+    def __init__(self, codec: Codec, n_samples: int, device: str = "cpu", channels: int | None = None,
+                 block_seconds: float | None = DECODE_BLOCK_SECONDS):
         self.codec = codec
         self.hop = codec.hop_length
         self.dctx_l, self.dctx_r = codec.decode_context
@@ -111,6 +118,9 @@ class Joiner:
         self.history_g: np.ndarray | None = None
         self.emitted = 0
         self.fed = 0
+        # frames per pass; codecs with per-segment gains decode whole windows (their blocks must start on segments)
+        self.block = (max(1, math.ceil(block_seconds * codec.sample_rate / self.hop))
+                      if block_seconds and self.seg == 1 else None)
 
     def _decode(self, codes: np.ndarray, gains: np.ndarray | None, n_out_frames: int) -> np.ndarray:
         with torch.inference_mode():
@@ -163,19 +173,22 @@ class Joiner:
         else:
             self.pending = np.concatenate([self.pending, codes], axis=2)
             self.pending_g = np.concatenate([self.pending_g, g], axis=1)
-        c, k, f = self.pending.shape
-        n_out = f - self.dctx_r  # frames whose right context is available
-        if n_out <= 0:
-            return
-        left, left_g = self._left(c, k)
-        block = np.concatenate([left, self.pending], axis=2)
-        block_g = np.concatenate([left_g, self.pending_g], axis=1)
-        yield self._decode(block, block_g, n_out)
-        if self.dctx_l:
-            self.history = block[:, :, n_out: self.dctx_l + n_out]
-            self.history_g = block_g[:, n_out: self.dctx_l + n_out]
-        self.pending = self.pending[:, :, n_out:]
-        self.pending_g = self.pending_g[:, n_out:]
+        while True:
+            c, k, f = self.pending.shape
+            n_out = f - self.dctx_r  # frames whose right context is available
+            if n_out <= 0:
+                return
+            if self.block is not None:
+                n_out = min(n_out, self.block)
+            left, left_g = self._left(c, k)
+            block = np.concatenate([left, self.pending[:, :, :n_out + self.dctx_r]], axis=2)
+            block_g = np.concatenate([left_g, self.pending_g[:, :n_out + self.dctx_r]], axis=1)
+            yield self._decode(block, block_g, n_out)
+            if self.dctx_l:
+                self.history = block[:, :, n_out: self.dctx_l + n_out]
+                self.history_g = block_g[:, n_out: self.dctx_l + n_out]
+            self.pending = self.pending[:, :, n_out:]
+            self.pending_g = self.pending_g[:, n_out:]
 
     def finish(self) -> Iterator[np.ndarray]:
         if self.pending is not None and self.pending.shape[2] > 0 and self.emitted < self.n_samples:
