@@ -156,6 +156,25 @@ def test_codecs_lists_encodec_as_needing_weights(cli_noray):
     assert code == 0 and "needs --codec-weights" in out
 
 
+def _rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+
+
+def _encodec_own(weights, x: np.ndarray, rate: int, kbps: float) -> tuple[np.ndarray, np.ndarray]:
+    """What EnCodec itself (``EncodecModel.encode/decode``, whole signal, not audioarc's windowed adapter) makes
+    of ``[T, C]`` audio at ``rate``: its codes ``[C, K, F]`` of the signal resampled to 24 kHz, and its decode
+    resampled back to ``[T, C]`` at ``rate``. An independent reference for what restore writes."""
+    from pipeline import audio
+    model = ea._build("24")
+    model.load_state_dict(torch.load(weights, weights_only=True)["model"])
+    model.set_target_bandwidth(kbps)
+    y = audio.resample(np.ascontiguousarray(x.T, dtype=np.float32), rate, 24000)
+    with torch.inference_mode():
+        ((codes, _),) = model.encode(torch.from_numpy(y)[:, None])  # channels as a batch, as the pipeline does
+        z = model.decode([(codes, None)])[:, 0, :y.shape[1]].numpy()
+    return codes.numpy(), audio.fit_length(audio.resample(z, 24000, rate), x.shape[0]).T
+
+
 # -- through the archive --------------------------------------------------------------------------
 def test_round_trip_through_the_archive(tmp_path, cli, weights24, codec24):
     src, dest = tmp_path / "src", tmp_path / "arc"
@@ -171,12 +190,28 @@ def test_round_trip_through_the_archive(tmp_path, cli, weights24, codec24):
     assert d["codec"]["checkpoint_hash"] == codec24.checkpoint_hash()
     out = cli.json("restore", dest, tmp_path / "out", "--format", "wav", "--codec-weights", w)
     assert len(out) == 2
+    from pipeline import archive
+    rec, entries = archive.open_archive(str(dest))
+    entry = {e.relpath: e for e in entries.values()}
     for pair in out:
         name = pair["source"].rsplit("/", 1)[1]
         orig, o_rate = sf.read(str(files[name]), always_2d=True)
         back, b_rate = sf.read(pair["path"], always_2d=True)
         assert b_rate == o_rate and back.shape == orig.shape, name
-        assert np.isfinite(back).all()
+        # what went in is what EnCodec itself makes of the ORIGINAL: the archive holds its codes (EnCodec
+        # reflects the first samples, the adapter sees silence: the first 0.3 s may differ; another file's or
+        # channel's codes agree ~4%), and restore writes its decode, in time (100 ms late scores ~0.3).
+        # Random weights decode to about the same sound whatever the codes, so the audio cannot tell the
+        # channels apart; the codes do.
+        want_codes, want = _encodec_own(weights24[0], orig, o_rate, d["bitrate_kbps"])
+        got = np.concatenate([c for _, c in archive.read_file_codes(str(dest), entry[name], rec.codec)], axis=2)
+        assert got.shape == want_codes.shape, name
+        assert np.mean(got[..., 23:] == want_codes[..., 23:]) > 0.98, name
+        lead = o_rate // 10  # the start decodes from different codes: alike (~0.999), past it ~0.999999
+        for c in range(orig.shape[1]):
+            assert np.corrcoef(want[:, c], back[:, c])[0, 1] > 0.99, (name, c)
+            assert np.corrcoef(want[lead:, c], back[lead:, c])[0, 1] > 0.9999, (name, c)
+            assert _rms(back[:, c]) == pytest.approx(_rms(want[:, c]), rel=0.01), (name, c)
     # the archive carries the checkpoint it was made with: restoring needs no --codec-weights
     again = cli.json("restore", dest, tmp_path / "o2", "--format", "wav")
     for a, b in zip(sorted(out, key=lambda p: p["source"]), sorted(again, key=lambda p: p["source"])):

@@ -193,11 +193,12 @@ def test_weights_round_trip_and_are_hash_checked(tmp_path):
     assert back.checkpoint_hash() == codec.checkpoint_hash()
     with pytest.raises(IntegrityError):
         weights.from_bytes(data, "mdct_rvq", "0" * 16, "w")
+    rec = archive.ArchiveRecord("audioarc", "2.0", codec.record(8), (), "", "", ref)
+    assert weights.load_codec(str(tmp_path), rec).checkpoint_hash() == codec.checkpoint_hash()  # through the record
     bad = bytearray(data)
     bad[-100] ^= 1
-    with pytest.raises(IntegrityError):  # the archive record's sha256 catches it before anything loads
-        rec = archive.ArchiveRecord("audioarc", "2.0", codec.record(8), (), "", "", ref)
-        (tmp_path / ref.path).write_bytes(bytes(bad))
+    (tmp_path / ref.path).write_bytes(bytes(bad))
+    with pytest.raises(IntegrityError, match="sha256"):  # the archive record's sha256 catches it before anything loads
         weights.load_codec(str(tmp_path), rec)
 
 

@@ -93,9 +93,13 @@ def test_any_prefix_decodes_and_is_deterministic():
     c = tiny()
     x = (np.random.default_rng(2).standard_normal((1, RATE)) * 0.1).astype(np.float32)
     codes = encode_array(c, x, c.n_q)
+    ys = []
     for k in range(1, c.n_q + 1):
         y = decode_array(c, codes[:, :k], x.shape[1])
         assert y.shape == x.shape and np.isfinite(y).all()
+        ys.append(y)
+    for k in range(1, c.n_q):  # each prefix decodes its own stages: one more stage changes the audio
+        assert np.abs(ys[k] - ys[k - 1]).max() > 1e-3 * np.abs(ys[k]).max(), k
     y1 = decode_array(c, codes, x.shape[1])
     y2 = decode_array(c, codes, x.shape[1])
     assert np.array_equal(y1, y2)
@@ -873,8 +877,10 @@ def test_fp32_codes_agree_across_thread_counts_and_with_float64_except_at_rare_t
     assert torch.get_num_threads() == threads  # the thread count it found is restored
 
 
-def test_cli_runs_the_codec_jobs_with_their_options(capsys):
+def test_cli_runs_the_codec_jobs_with_their_options(capsys, monkeypatch, tmp_path):
     """`audioarc codec-eval` / `audioarc train` hand their options to the job entrypoints."""
+    from jobs import train_codec
+    from jobs.tools import codec_eval
     from pipeline.cli import main
     with pytest.raises(SystemExit) as e:
         main(["codec-eval", "--help"])
@@ -882,3 +888,15 @@ def test_cli_runs_the_codec_jobs_with_their_options(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])
     assert e.value.code == 0 and "--resume" in capsys.readouterr().out
+    # the real trainer gets them: a value its own parser refuses is refused, before any data is read
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--lr", "-1", "--no-ray", "--data", str(tmp_path / "none")])
+    assert e.value.code == 2 and "--lr" in capsys.readouterr().err
+    # every option, in order, reaches the entrypoint's main; its exit code is the command's
+    got = {}
+    for name, mod in (("train", train_codec), ("codec-eval", codec_eval)):
+        monkeypatch.setattr(mod, "main", lambda argv, name=name: got.setdefault(name, list(argv)) and 3)
+    argv = ["--data", "s3://b/lib", "--steps", "5", "--resume", "--rung-weights", "1", "2"]
+    assert main(["train", *argv]) == 3 and got["train"] == argv
+    ev = [str(tmp_path), "--bitrates", "1.5", "6", "--no-visqol", "--out-dir", str(tmp_path / "ev")]
+    assert main(["codec-eval", *ev]) == 3 and got["codec-eval"] == ev
