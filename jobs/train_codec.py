@@ -314,59 +314,76 @@ class DataParallel:
 
 
 # -- the loop --------------------------------------------------------------------------------------
-def train_loop(config: TrainConfig | dict) -> None:
-    """Runs in the Ray Train worker (given ``TrainConfig.to_dict()``) or directly (``--no-ray``)."""
-    from pipeline.codec.neural import NeuralRvqCodec
-    from pipeline.codec.neural_train import (EmaRvqTrainer, collect_latents, forward_rung_decoder, forward_train,
-                                             sample_n_q)
-    from pipeline.codec.registry import read_weights
+class _Run:
+    """One training run's live state (device and workers, log, model, quantizer, optimizer, data, counters), shared
+    by the steps of ``train_loop``."""
 
-    if isinstance(config, dict):
-        config = TrainConfig.from_dict(config)
-    torch.set_num_threads(int(config.threads))
-    torch.manual_seed(config.seed)
-    ray_ctx = None
-    dp = DataParallel()
-    if config.use_ray:
-        import ray.train
-        import ray.train.torch
-        ray_ctx = ray.train
-        device = ray.train.torch.get_device()
-        ctx = ray.train.get_context()
-        dp = DataParallel(ctx.get_world_rank(), ctx.get_world_size())
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() and not config.cpu else "cpu")
-    run_dir = Path(config.run_dir)  # with several workers: shared by them (rank 0 writes, all resume)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    logf = open(run_dir / "train.log", "a") if dp.main else None
+    def __init__(self, config: TrainConfig):
+        """Set up the process (threads, seed, device, workers) and open the run's log (rank 0 only)."""
+        torch.set_num_threads(int(config.threads))
+        torch.manual_seed(config.seed)
+        self.config = config
+        self.ray_ctx = None
+        self.dp = DataParallel()
+        if config.use_ray:
+            import ray.train
+            import ray.train.torch
+            self.ray_ctx = ray.train
+            self.device = ray.train.torch.get_device()
+            ctx = ray.train.get_context()
+            self.dp = DataParallel(ctx.get_world_rank(), ctx.get_world_size())
+        else:
+            self.device = torch.device("cuda" if torch.cuda.is_available() and not config.cpu else "cpu")
+        self.run_dir = Path(config.run_dir)  # with several workers: shared by them (rank 0 writes, all resume)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.logf = open(self.run_dir / "train.log", "a") if self.dp.main else None
+        self.ckpt_path = self.run_dir / "ckpt.pt"
+        self.out_path = Path(config.out)
 
-    def log(msg):
-        if logf is None:  # other ranks: the run's log is rank 0's
+    def log(self, msg) -> None:
+        """Print ``msg`` (a string, or a dict as JSON) and append it to the run's log; other ranks stay silent."""
+        if self.logf is None:  # other ranks: the run's log is rank 0's
             return
         line = msg if isinstance(msg, str) else json.dumps(msg)
         print(line, flush=True)
-        logf.write(line + "\n")
-        logf.flush()
+        self.logf.write(line + "\n")
+        self.logf.flush()
 
-    codec = NeuralRvqCodec(width=config.width, latent_dim=config.latent_dim,
-                           dilations=tuple(config.dilations), n_q=config.n_q,
-                           codebook_size=config.codebook_size).to(device)
-    hop = codec.hop_length
-    seg = (config.seg_frames + 1) * hop
-    # same initial weights on every worker (seeded above); each draws its own data
-    data_seed = config.seed + 1000 * dp.rank
-    sampler = SegmentSampler(Path(config.cache), seg, seed=data_seed, other_fraction=config.other_fraction)
-    vq = EmaRvqTrainer(codec, decay=config.ema_decay, seed=data_seed, reduce=dp.sum_ if dp.on else None)
-    rung = config.rung_decoder
-    keep = config.keep_codes or 0
-    resuming = bool(config.resume) and (run_dir / "ckpt.pt").exists()
-    # released weights to start from, read once (before a rung decoder is added, so a missing one starts as the
-    # shared decoder; a plain fine-tune that resumes takes everything from its checkpoint instead)
-    state = None
-    if config.init_from and (rung or keep or not resuming):
-        state = read_weights(config.init_from)
-        codec.load_weights(state, str(config.init_from))
-    if rung:
+    def build_model(self) -> None:
+        """Build the codec, sampler and quantizer trainer, load ``--init-from`` and freeze what is not trained."""
+        from pipeline.codec.neural import NeuralRvqCodec
+        from pipeline.codec.neural_train import EmaRvqTrainer
+        from pipeline.codec.registry import read_weights
+        config, dp = self.config, self.dp
+        codec = self.codec = NeuralRvqCodec(width=config.width, latent_dim=config.latent_dim,
+                                            dilations=tuple(config.dilations), n_q=config.n_q,
+                                            codebook_size=config.codebook_size).to(self.device)
+        seg = (config.seg_frames + 1) * codec.hop_length
+        # same initial weights on every worker (seeded above); each draws its own data
+        self.data_seed = config.seed + 1000 * dp.rank
+        self.sampler = SegmentSampler(Path(config.cache), seg, seed=self.data_seed,
+                                      other_fraction=config.other_fraction)
+        self.vq = EmaRvqTrainer(codec, decay=config.ema_decay, seed=self.data_seed,
+                                reduce=dp.sum_ if dp.on else None)
+        self.rung = config.rung_decoder
+        self.keep = config.keep_codes or 0
+        self.resuming = bool(config.resume) and self.ckpt_path.exists()
+        # released weights to start from, read once (before a rung decoder is added, so a missing one starts as the
+        # shared decoder; a plain fine-tune that resumes takes everything from its checkpoint instead)
+        self.init_state = None
+        if config.init_from and (self.rung or self.keep or not self.resuming):
+            self.init_state = read_weights(config.init_from)
+            codec.load_weights(self.init_state, str(config.init_from))
+        if self.rung:
+            self._freeze_for_rung()
+        if self.keep:
+            self._freeze_for_keep()
+        self.params = [p for p in codec.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=config.lr, betas=(0.8, 0.99), weight_decay=1e-5)
+
+    def _freeze_for_rung(self) -> None:
+        """``--rung-decoder K``: add the decoder for K stages and make it the only thing trained."""
+        config, codec, rung = self.config, self.codec, self.rung
         if not (config.init_from or config.resume):
             raise ValueError("--rung-decoder trains a decoder for trained codes: pass --init-from WEIGHTS")
         if rung not in codec.ladder_n_q:
@@ -378,8 +395,11 @@ def train_loop(config: TrainConfig | dict) -> None:
             codec.rvq.set_pair_search(config.pair_search)
         codec.requires_grad_(False)
         codec.decoder_for(rung).requires_grad_(True)
-    if keep:
-        if rung:
+
+    def _freeze_for_keep(self) -> None:
+        """``--keep-codes K``: freeze the encoder, the first K codebooks and the rung decoders."""
+        config, codec, keep = self.config, self.codec, self.keep
+        if self.rung:
             raise ValueError("--keep-codes fine-tunes the shared decoder; --rung-decoder trains a rung decoder "
                              "with every code kept already: use one of them")
         if not (config.init_from or config.resume):
@@ -394,171 +414,233 @@ def train_loop(config: TrainConfig | dict) -> None:
         # first `keep` stages (and what the rung decoders make of them) are exactly those of the weights
         codec.encoder.requires_grad_(False)
         codec.rung_decoders.requires_grad_(False)
-        vq.frozen_stages = keep
-    params = [p for p in codec.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.8, 0.99), weight_decay=1e-5)
-    step, elapsed, best = 0, 0.0, float("inf")
-    ckpt_path = run_dir / "ckpt.pt"
-    if config.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if rung and config.pair_search is not None:  # given on resume: wins over the checkpoint's
-            ck["model"]["rvq.pair_search_k"] = torch.tensor(config.pair_search)
-        codec.load_weights(ck, str(ckpt_path))
-        opt.load_state_dict(ck["opt"])
-        vq.load_state_dict(ck["vq"])
-        step, elapsed = ck["step"], ck["elapsed"]
-        best = best if config.reset_best else ck.get("best", best)
-        sampler.rng = np.random.default_rng(data_seed + step)
-        changes = config.resume_changes
-        log(f"resumed from {ckpt_path} at step {step} ({elapsed / 60:.1f} min) with its settings"
-            + (f"; changed: {', '.join(f'{k}={v!r}' for k, v in changes.items())}" if changes else ""))
-    elif rung:
-        vq.seed_from_codebooks(config.batch * config.seg_frames)  # frozen: never updated
-        log(f"rung decoder for {rung} stages, from {config.init_from} "
-            f"({sum(p.numel() for p in params) / 1e6:.2f}M trainable params; encoder and codebooks frozen)")
-    elif config.init_from:
-        # fine-tune from released weights (no optimizer or EMA state in them): the codebooks are trained,
-        # so the quantizer starts initialised, its EMA statistics seeded as if each code were used evenly
-        vq.seed_from_codebooks(config.batch * config.seg_frames)  # latent vectors per step
-        log(f"initialised from {config.init_from} (trained to step {state.get('step', '?')})"
-            + (f"; encoder, first {keep} codebooks and rung decoders frozen "
-               f"({sum(p.numel() for p in params) / 1e6:.2f}M trainable params)" if keep else ""))
-    else:
-        # per-bin normalisation of the companded MDCT from data
-        with torch.no_grad():
-            y = codec.features(sampler.batch(64).to(device)[:, None, :])
-            std = y.permute(1, 0, 2).reshape(hop, -1).std(1).clamp_min(1e-4)
-            codec.feat_scale.copy_(1.0 / std)
-            dp.broadcast_(codec.feat_scale)
-    # --restart-schedule: a fine-tune phase with its own warm-restart cosine over --steps / --max-minutes
-    step0, phase_start = (step, time.time()) if config.restart_schedule else (0, None)
-    n_params = codec.n_params()
-    log(f"neural_rvq: {n_params / 1e6:.2f}M params, encode_context {codec.encode_context}, "
-        f"decode_context {codec.decode_context}, device {device}, threads {torch.get_num_threads()}, "
-        f"workers {dp.world} (batch {config.batch} each)")
-    val = sampler.validation_batch(config.val_segments, config.seed).to(device)  # same after --resume
-    fine_tune = bool(config.init_from) and not rung and not resuming
-    if fine_tune:  # every rung scored: a fine-tune must not buy one rung with another
-        ladder = list(codec.ladder_n_q)
-        val_nq = torch.tensor([ladder[i % len(ladder)] for i in range(len(val))])
-    else:
-        val_nq = torch.full((len(val),), min(8, codec.n_q))
-    val_key = "val_loss_rung" if rung else ("val_mel_rungs" if fine_tune else "val_mel_6kbps")
-    rng = random.Random(data_seed + step)
-    t_start = time.time() - elapsed
-    out_path = Path(config.out)
+        self.vq.frozen_stages = keep
 
-    def save_ckpt():
-        torch.save({"model": codec.state_dict(), "opt": opt.state_dict(), "vq": vq.state_dict(), "step": step,
-                    "elapsed": time.time() - t_start, "best": best, "config": config.to_dict()},
-                   str(ckpt_path) + ".tmp")
-        os.replace(str(ckpt_path) + ".tmp", ckpt_path)
+    def start_state(self) -> float:
+        """Resume from the checkpoint, or start the quantizer / feature scale for a new run; returns elapsed seconds."""
+        config, codec, vq, rung = self.config, self.codec, self.vq, self.rung
+        self.step, elapsed, self.best = 0, 0.0, float("inf")
+        n_trainable = sum(p.numel() for p in self.params) / 1e6
+        if config.resume and self.ckpt_path.exists():
+            ck = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+            if rung and config.pair_search is not None:  # given on resume: wins over the checkpoint's
+                ck["model"]["rvq.pair_search_k"] = torch.tensor(config.pair_search)
+            codec.load_weights(ck, str(self.ckpt_path))
+            self.opt.load_state_dict(ck["opt"])
+            vq.load_state_dict(ck["vq"])
+            self.step, elapsed = ck["step"], ck["elapsed"]
+            self.best = self.best if config.reset_best else ck.get("best", self.best)
+            self.sampler.rng = np.random.default_rng(self.data_seed + self.step)
+            changes = config.resume_changes
+            self.log(f"resumed from {self.ckpt_path} at step {self.step} ({elapsed / 60:.1f} min) with its settings"
+                     + (f"; changed: {', '.join(f'{k}={v!r}' for k, v in changes.items())}" if changes else ""))
+        elif rung:
+            vq.seed_from_codebooks(config.batch * config.seg_frames)  # frozen: never updated
+            self.log(f"rung decoder for {rung} stages, from {config.init_from} "
+                     f"({n_trainable:.2f}M trainable params; encoder and codebooks frozen)")
+        elif config.init_from:
+            # fine-tune from released weights (no optimizer or EMA state in them): the codebooks are trained,
+            # so the quantizer starts initialised, its EMA statistics seeded as if each code were used evenly
+            vq.seed_from_codebooks(config.batch * config.seg_frames)  # latent vectors per step
+            self.log(f"initialised from {config.init_from} (trained to step {self.init_state.get('step', '?')})"
+                     + (f"; encoder, first {self.keep} codebooks and rung decoders frozen "
+                        f"({n_trainable:.2f}M trainable params)" if self.keep else ""))
+        else:
+            # per-bin normalisation of the companded MDCT from data
+            with torch.no_grad():
+                y = codec.features(self.sampler.batch(64).to(self.device)[:, None, :])
+                std = y.permute(1, 0, 2).reshape(codec.hop_length, -1).std(1).clamp_min(1e-4)
+                codec.feat_scale.copy_(1.0 / std)
+                self.dp.broadcast_(codec.feat_scale)
+        return elapsed
 
-    def save_weights(path: Path):
+    def prepare_loop(self, elapsed: float) -> None:
+        """Log the model, fix the validation segments and their rungs, and set the schedule and counters."""
+        config, codec, rung = self.config, self.codec, self.rung
+        # --restart-schedule: a fine-tune phase with its own warm-restart cosine over --steps / --max-minutes
+        self.step0, self.phase_start = (self.step, time.time()) if config.restart_schedule else (0, None)
+        self.log(f"neural_rvq: {codec.n_params() / 1e6:.2f}M params, encode_context {codec.encode_context}, "
+                 f"decode_context {codec.decode_context}, device {self.device}, threads {torch.get_num_threads()}, "
+                 f"workers {self.dp.world} (batch {config.batch} each)")
+        self.val = self.sampler.validation_batch(config.val_segments, config.seed).to(self.device)  # same on resume
+        self.fine_tune = bool(config.init_from) and not rung and not self.resuming
+        if self.fine_tune:  # every rung scored: a fine-tune must not buy one rung with another
+            ladder = list(codec.ladder_n_q)
+            self.val_nq = torch.tensor([ladder[i % len(ladder)] for i in range(len(self.val))])
+        else:
+            self.val_nq = torch.full((len(self.val),), min(8, codec.n_q))
+        self.val_key = "val_loss_rung" if rung else ("val_mel_rungs" if self.fine_tune else "val_mel_6kbps")
+        self.rng = random.Random(self.data_seed + self.step)
+        self.t_start = time.time() - elapsed
+        self.max_s = config.max_minutes * 60
+        self.loss_weights = {"w_time": config.w_time, "w_mdct": config.w_mdct, "w_env": config.w_env}
+        self.logs_acc: dict[str, list[float]] = {}
+
+    def save_ckpt(self) -> None:
+        """Write ``RUN_DIR/ckpt.pt`` (model, optimizer, quantizer state, counters, settings) atomically."""
+        torch.save({"model": self.codec.state_dict(), "opt": self.opt.state_dict(), "vq": self.vq.state_dict(),
+                    "step": self.step, "elapsed": time.time() - self.t_start, "best": self.best,
+                    "config": self.config.to_dict()}, str(self.ckpt_path) + ".tmp")
+        os.replace(str(self.ckpt_path) + ".tmp", self.ckpt_path)
+
+    def save_weights(self, path: Path) -> None:
+        """Write the model as a shipping weights file at ``path`` atomically."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        saved = config.to_dict()  # (dilations as a list, as ever)
+        saved = self.config.to_dict()  # (dilations as a list, as ever)
         cfg = {k: saved[k] for k in ("width", "latent_dim", "dilations", "n_q", "codebook_size")}
-        cfg["rung_decoders"] = sorted(int(k) for k in codec.rung_decoders)
-        torch.save({"model": shipping_state(codec.state_dict()), "config": cfg,
-                    "step": step}, str(path) + ".tmp")
+        cfg["rung_decoders"] = sorted(int(k) for k in self.codec.rung_decoders)
+        torch.save({"model": shipping_state(self.codec.state_dict()), "config": cfg,
+                    "step": self.step}, str(path) + ".tmp")
         os.replace(str(path) + ".tmp", path)
 
-    max_s = config.max_minutes * 60
-    loss_weights = {"w_time": config.w_time, "w_mdct": config.w_mdct, "w_env": config.w_env}
-    logs_acc: dict[str, list[float]] = {}
+    def phase_elapsed(self) -> float:
+        """Seconds since this phase's schedule started (the run's start, or this ``--restart-schedule``)."""
+        return time.time() - (self.phase_start if self.phase_start is not None else self.t_start)
 
-    def phase_elapsed():
-        return time.time() - (phase_start if phase_start is not None else t_start)
+    def keep_going(self) -> bool:
+        """Whether to take another step: steps left and time left (rank 0's clock decides for all)."""
+        return (self.step - self.step0 < self.config.steps
+                and self.dp.decide(self.phase_elapsed() < self.max_s, self.device))
 
-    def validate() -> float:
-        codec.eval()
+    def validate(self) -> float:
+        """The best-model score on the fixed validation segments."""
+        from pipeline.codec.neural_train import forward_rung_decoder, forward_train
+        self.codec.eval()
         with torch.no_grad():
-            if rung:  # the training objective at that rung
-                _, vlogs = forward_rung_decoder(codec, val, rung, **loss_weights)
+            if self.rung:  # the training objective at that rung
+                _, vlogs = forward_rung_decoder(self.codec, self.val, self.rung, **self.loss_weights)
                 return vlogs["loss"]
-            _, vlogs = forward_train(codec, vq if vq.initialized else None, val, val_nq)
+            _, vlogs = forward_train(self.codec, self.vq if self.vq.initialized else None, self.val, self.val_nq)
             return vlogs["mel"]
 
-    if fine_tune and dp.main:
-        # the released weights are the first candidate: the best model written is never worse than them on the
-        # validation segments (a fine-tune that only hurts leaves the base at --out)
-        best = validate()
-        save_weights(out_path)
-        log({"step": step, val_key: round(best, 4), "best": round(best, 4), "saved": True, "base": True})
+    def score_base(self) -> None:
+        """A fine-tune's released weights are the first candidate: score them and write them to ``--out``."""
+        # the best model written is never worse than them on the validation segments (a fine-tune that only
+        # hurts leaves the base at --out)
+        self.best = self.validate()
+        self.save_weights(self.out_path)
+        self.log({"step": self.step, self.val_key: round(self.best, 4), "best": round(self.best, 4), "saved": True,
+                  "base": True})
 
-    while step - step0 < config.steps and dp.decide(phase_elapsed() < max_s, device):
-        progress = max((step - step0) / config.steps, phase_elapsed() / max_s)
-        lr = config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        if not vq.initialized and step >= config.warmup_steps:
-            codec.eval()
-            lat = collect_latents(codec, [sampler.batch(config.batch).to(device)
-                                          for _ in range(config.init_batches)])
-            t0 = time.time()
-            vq.kmeans_init(lat.cpu(), iters=config.kmeans_iters)
-            vq.codec.rvq.codebooks.data = vq.codec.rvq.codebooks.to(device)
-            dp.broadcast_(codec.rvq.codebooks, vq.ema_sum, vq.ema_count)  # rank 0's k-means for all
-            log(f"step {step}: k-means init of {codec.n_q} codebooks on {len(lat)} latents "
-                f"in {time.time() - t0:.0f}s")
+    def kmeans_init(self) -> None:
+        """Start the quantizer: k-means codebooks from the model's latents (rank 0's, for every worker)."""
+        from pipeline.codec.neural_train import collect_latents
+        codec, vq, config = self.codec, self.vq, self.config
+        codec.eval()
+        lat = collect_latents(codec, [self.sampler.batch(config.batch).to(self.device)
+                                      for _ in range(config.init_batches)])
+        t0 = time.time()
+        vq.kmeans_init(lat.cpu(), iters=config.kmeans_iters)
+        vq.codec.rvq.codebooks.data = vq.codec.rvq.codebooks.to(self.device)
+        self.dp.broadcast_(codec.rvq.codebooks, vq.ema_sum, vq.ema_count)  # rank 0's k-means for all
+        self.log(f"step {self.step}: k-means init of {codec.n_q} codebooks on {len(lat)} latents "
+                 f"in {time.time() - t0:.0f}s")
+
+    def optimise(self) -> tuple[dict, torch.Tensor]:
+        """One forward/backward/optimizer step on a fresh batch; returns its logs and the gradient norm."""
+        from pipeline.codec.neural_train import (
+            forward_rung_decoder,
+            forward_train,
+            sample_n_q,
+        )
+        codec, vq, config = self.codec, self.vq, self.config
         codec.train()
-        wav = sampler.batch(config.batch).to(device)
-        if rung:
-            loss, logs = forward_rung_decoder(codec, wav, rung, **loss_weights)
+        wav = self.sampler.batch(config.batch).to(self.device)
+        if self.rung:
+            loss, logs = forward_rung_decoder(codec, wav, self.rung, **self.loss_weights)
         else:
-            nq = sample_n_q(len(wav), codec.ladder_n_q, rng, p_full=config.p_full,
+            nq = sample_n_q(len(wav), codec.ladder_n_q, self.rng, p_full=config.p_full,
                             rung_weights=config.rung_weights)
-            loss, logs = forward_train(codec, vq if vq.initialized else None, wav, nq, **loss_weights)
-        opt.zero_grad(set_to_none=True)
+            loss, logs = forward_train(codec, vq if vq.initialized else None, wav, nq, **self.loss_weights)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        dp.average_grads(params)
-        gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if dp.on and vq.initialized and not rung:
+        self.dp.average_grads(self.params)
+        gn = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        if self.dp.on and vq.initialized and not self.rung:
             # EMA sums were all-reduced, so codebooks agree except where a worker restarted dead codes
             # from its own batch: rank 0's state wins
-            dp.broadcast_(codec.rvq.codebooks, vq.ema_sum, vq.ema_count)
-        step += 1
+            self.dp.broadcast_(codec.rvq.codebooks, vq.ema_sum, vq.ema_count)
+        return logs, gn
+
+    def log_round(self, lr: float, gn: torch.Tensor) -> None:
+        """Log the mean of the losses since the last log line, with the schedule and quantizer usage."""
+        rec = {k: round(float(np.mean(v)), 4) for k, v in self.logs_acc.items()}
+        rec.update(step=self.step, lr=round(lr, 6), gnorm=round(float(gn), 3),
+                   min=round((time.time() - self.t_start) / 60, 2))
+        if self.vq.initialized and not self.rung:  # (frozen codebooks: nothing to report)
+            util = self.vq.utilisation()
+            rec["util"] = [round(u, 3) for u in util]
+            rec["restarts"] = self.vq.restarts
+        self.log(rec)
+        self.logs_acc = {}
+
+    def checkpoint_round(self) -> float:
+        """Validate, write ``--out`` if the score improved, write the checkpoint; returns the score."""
+        vmel = self.validate()
+        improved = self.vq.initialized and vmel < self.best
+        if improved:
+            self.best = vmel
+            self.save_weights(self.out_path)
+        self.save_ckpt()
+        self.log({"step": self.step, self.val_key: round(vmel, 4), "best": round(self.best, 4), "saved": improved})
+        return vmel
+
+    def train_step(self) -> None:
+        """One training step: learning rate, quantizer start when due, the update, then log/checkpoint/report."""
+        config = self.config
+        progress = max((self.step - self.step0) / config.steps, self.phase_elapsed() / self.max_s)
+        lr = config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        if not self.vq.initialized and self.step >= config.warmup_steps:
+            self.kmeans_init()
+        logs, gn = self.optimise()
+        self.step += 1
         for k, v in logs.items():
-            logs_acc.setdefault(k, []).append(v)
-        if step % config.log_every == 0:
-            rec = {k: round(float(np.mean(v)), 4) for k, v in logs_acc.items()}
-            rec.update(step=step, lr=round(lr, 6), gnorm=round(float(gn), 3),
-                       min=round((time.time() - t_start) / 60, 2))
-            if vq.initialized and not rung:  # (frozen codebooks: nothing to report)
-                util = vq.utilisation()
-                rec["util"] = [round(u, 3) for u in util]
-                rec["restarts"] = vq.restarts
-            log(rec)
-            logs_acc = {}
-        if (step % config.ckpt_every == 0 or step - step0 >= config.steps) and dp.main:
-            vmel = validate()
-            improved = vq.initialized and vmel < best
-            if improved:
-                best = vmel
-                save_weights(out_path)
-            save_ckpt()
-            log({"step": step, val_key: round(vmel, 4),
-                 "best": round(best, 4), "saved": improved})
-        if ray_ctx is not None and step % config.ckpt_every == 0:
+            self.logs_acc.setdefault(k, []).append(v)
+        if self.step % config.log_every == 0:
+            self.log_round(lr, gn)
+        vmel = None
+        if (self.step % config.ckpt_every == 0 or self.step - self.step0 >= config.steps) and self.dp.main:
+            vmel = self.checkpoint_round()
+        if self.ray_ctx is not None and self.step % config.ckpt_every == 0:
             import ray.train
-            ray.train.report({"step": step, "loss": logs["loss"], **({"val": vmel} if dp.main else {})})
-    # the replicas must have stayed identical (weights and codebooks)
-    hashes = dp.gather(codec.checkpoint_hash())
-    if len(set(hashes)) != 1:
-        raise RuntimeError(f"data-parallel replicas diverged: checkpoint hashes per rank {hashes}")
-    if dp.on:
-        log(f"{dp.world} workers, replicas identical (checkpoint hash {hashes[0]})")
-    # final: always write a checkpoint; the best weights stay at --out
-    codec.eval()
-    if dp.main:
-        save_ckpt()
-        if vq.initialized and not out_path.exists():
-            save_weights(out_path)
-        save_weights(run_dir / "last.pt")
-    log(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; best val mel {best:.4f}")
-    if logf is not None:
-        logf.close()
+            ray.train.report({"step": self.step, "loss": logs["loss"], **({"val": vmel} if self.dp.main else {})})
+
+    def finish(self) -> None:
+        """Check the replicas stayed identical, write the final checkpoint and weights, log the summary."""
+        # the replicas must have stayed identical (weights and codebooks)
+        hashes = self.dp.gather(self.codec.checkpoint_hash())
+        if len(set(hashes)) != 1:
+            raise RuntimeError(f"data-parallel replicas diverged: checkpoint hashes per rank {hashes}")
+        if self.dp.on:
+            self.log(f"{self.dp.world} workers, replicas identical (checkpoint hash {hashes[0]})")
+        # final: always write a checkpoint; the best weights stay at --out
+        self.codec.eval()
+        if self.dp.main:
+            self.save_ckpt()
+            if self.vq.initialized and not self.out_path.exists():
+                self.save_weights(self.out_path)
+            self.save_weights(self.run_dir / "last.pt")
+        self.log(f"done: {self.step} steps in {(time.time() - self.t_start) / 60:.1f} min; "
+                 f"best val mel {self.best:.4f}")
+        if self.logf is not None:
+            self.logf.close()
+
+
+def train_loop(config: TrainConfig | dict) -> None:
+    """Runs in the Ray Train worker (given ``TrainConfig.to_dict()``) or directly (``--no-ray``)."""
+    if isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    run = _Run(config)
+    run.build_model()
+    run.prepare_loop(run.start_state())
+    if run.fine_tune and run.dp.main:
+        run.score_base()
+    while run.keep_going():
+        run.train_step()
+    run.finish()
 
 
 def default_config(args) -> TrainConfig:
