@@ -5,6 +5,8 @@ Data flows one way: listed inputs are planned against the catalog, decoded into 
 written into shards by the driver and committed through ``archive``, the only writer of commit state."""
 from __future__ import annotations
 
+from ..lazy import keep, listing
+
 __all__ = ["EXECUTORS", "CodecActor", "EncodeConfig", "EncodeSummary", "Progress", "choose_executor", "decode_file",
            "file_id_for", "prepare_archive", "read_input_list", "run_encode", "summarize"]
 
@@ -24,10 +26,8 @@ def __getattr__(name: str):
         from .stages import CodecActor, Progress, decode_file  # noqa: F401 - read via locals()
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    found = {k: v for k, v in locals().items() if k in __all__}
-    globals().update(found)  # later lookups find them without this function
-    return found[name]
+    return keep(globals(), locals(), name)
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return listing(globals())

@@ -5,6 +5,8 @@ results table behind the HTML report, ``audioarc quality``).
 Each name is imported from its module on first use (PEP 562): ``import pipeline.quality`` costs nothing."""
 from __future__ import annotations
 
+from ..lazy import keep, listing
+
 __all__ = ["DURATION_BUCKETS", "GATE_METRICS", "NUMERIC", "REPORT_ONLY", "Gate", "QualityConfig", "QualityResult",
            "StreamingSampler", "compare", "evaluate", "finish", "listening_clip", "log_spectrogram", "loudness",
            "parse_gates", "rolloff_hz", "run_quality", "sample_manifest", "speech_like", "stratum", "summarize",
@@ -22,10 +24,8 @@ def __getattr__(name: str):
                               stratum, summarize, unit, write_table)
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    found = {k: v for k, v in locals().items() if k in __all__}
-    globals().update(found)  # later lookups find them without this function
-    return found[name]
+    return keep(globals(), locals(), name)
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return listing(globals())

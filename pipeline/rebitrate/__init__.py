@@ -12,6 +12,8 @@ on first use (PEP 562), so the CLI's parser reads the defaults without pyarrow.
 """
 from __future__ import annotations
 
+from ..lazy import keep, listing
+
 __all__ = ["RebitrateConfig", "run_rebitrate"]
 
 
@@ -23,10 +25,8 @@ def __getattr__(name: str):
         from .job import run_rebitrate  # noqa: F401 - read via locals()
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    found = {k: v for k, v in locals().items() if k in __all__}
-    globals().update(found)  # later lookups find them without this function
-    return found[name]
+    return keep(globals(), locals(), name)
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return listing(globals())
