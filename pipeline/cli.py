@@ -123,7 +123,8 @@ def _quality_config(args, fraction: float):
     from .quality import QualityConfig, parse_gates
     return QualityConfig(fraction=fraction, seed=args.quality_seed, excerpt_seconds=args.excerpt_seconds,
                          visqol=not args.no_visqol, gates=parse_gates(args.min_quality),
-                         min_files=getattr(args, "quality_min_files", _default(QualityConfig, "min_files"))).validate()
+                         min_files=getattr(args, "quality_min_files", _default(QualityConfig, "min_files")),
+                         sample_files=getattr(args, "sample", _default(QualityConfig, "sample_files"))).validate()
 
 
 def _print_quality(summary: dict, violations: list[dict]) -> None:
@@ -139,7 +140,7 @@ def _print_quality(summary: dict, violations: list[dict]) -> None:
 
 def cmd_quality(args) -> int:
     from .quality import run_quality
-    r = run_quality(args.dest, _quality_config(args, 0.0), sample=args.sample, patterns=tuple(args.patterns),
+    r = run_quality(args.dest, _quality_config(args, 0.0), patterns=tuple(args.patterns),
                     address=args.address, weights=args.codec_weights)
     if args.json:
         _print_json({"summary": r.summary, "violations": r.violations, "files": r.rows, "table": r.table,
@@ -381,6 +382,7 @@ VERBOSE_HELP = ("show Ray's own log lines on the terminal (by default they go to
 
 def build_parser() -> argparse.ArgumentParser:
     from .encode.config import EXECUTORS, EncodeConfig  # light: the defaults, no torch
+    from .placement import PRECISIONS  # light: stdlib only
     from .quality.config import QualityConfig
     from .rebitrate.config import RebitrateConfig
     p = argparse.ArgumentParser(prog="audioarc", description="Archive audio collections with a neural RVQ codec.")
@@ -413,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "--actors or 1)")
     e.add_argument("--max-actors", type=int, help="autoscaling codec actor pool: most actors (default "
                    "--actors, else 1 per GPU slot or 1 per CPU)")
-    e.add_argument("--precision", default=_default(EncodeConfig, "precision"), choices=["fp32", "bf16", "fp16"],
+    e.add_argument("--precision", default=_default(EncodeConfig, "precision"), choices=PRECISIONS,
                    help="GPU autocast precision (CPU always fp32); check fidelity with jobs/bench/bench_codec.py")
     e.add_argument("--commit-every", type=int, default=_default(EncodeConfig, "commit_every"),
                    help="files per committed generation")
@@ -492,7 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quality", help="measure fidelity of a sample of an archive against the originals")
     q.add_argument("dest")
     q.add_argument("patterns", nargs="*", help="evaluate files matching these globs instead of a sample")
-    q.add_argument("--sample", type=int, default=None, help="number of files (stratified; default 20)")
+    sample_files = _default(QualityConfig, "sample_files")
+    q.add_argument("--sample", type=int, default=sample_files,
+                   help=f"number of files (stratified; default {sample_files})")
     q.add_argument("--address", help="Ray cluster address")
     q.add_argument("--codec-weights", help="checkpoint of the archive's codec, if not the shipped one")
     q.add_argument("--json", action="store_true")

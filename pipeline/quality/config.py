@@ -55,6 +55,7 @@ class QualityConfig:
     fraction: float = 0.02  # of archived files, sampled during encode
     seed: int = 0
     min_files: int = 20  # sampled during encode at least (every file of a job this small), then the fraction
+    sample_files: int = 20  # sampled by `audioarc quality` when neither --sample nor patterns are given
     excerpt_seconds: float = 30.0  # evaluated span per file (from its middle); 0 = whole file
     visqol: bool = True  # when visqol-python is installed
     visqol_seconds: float = 8.0
@@ -68,4 +69,6 @@ class QualityConfig:
             raise ConfigError(f"--quality-sample must be in [0, 1], got {self.fraction}")
         if self.min_files < 0:
             raise ConfigError(f"--quality-min-files must be >= 0, got {self.min_files}")
+        if self.sample_files < 1:
+            raise ConfigError(f"--sample must be >= 1, got {self.sample_files}")
         return self

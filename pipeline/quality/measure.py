@@ -366,9 +366,10 @@ def finish(dest: str, job_id: str, rows: list[dict], cfg: QualityConfig, context
 
 
 # -- on-demand job --------------------------------------------------------------------------------
-def run_quality(dest: str, cfg: QualityConfig, sample: int | None = None, patterns: tuple[str, ...] = (),
-                address: str | None = None, weights: str | None = None) -> QualityResult:
-    """``audioarc quality``: evaluate ``sample`` stratified files (or those matching ``patterns``) as Ray tasks."""
+def run_quality(dest: str, cfg: QualityConfig, patterns: tuple[str, ...] = (), address: str | None = None,
+                weights: str | None = None) -> QualityResult:
+    """``audioarc quality``: evaluate ``cfg.sample_files`` stratified files (or those matching ``patterns``) as
+    Ray tasks."""
     from ..runtime import init_ray
     from ..select import select
     cfg.validate()
@@ -376,7 +377,7 @@ def run_quality(dest: str, cfg: QualityConfig, sample: int | None = None, patter
     if patterns:
         chosen = select(entries, patterns)
     else:
-        chosen = sample_manifest(list(entries.values()), sample if sample is not None else 20, cfg.seed)
+        chosen = sample_manifest(list(entries.values()), cfg.sample_files, cfg.seed)
     if not chosen:
         raise ConfigError(f"{dest}: no archived files to sample")
     archive.load_codec(dest, rec, weights)  # fail fast, before any worker starts
