@@ -354,7 +354,7 @@ def cmd_tune(args) -> int:
 
 #: commands whose process never needs pandas: pyarrow imports it (~45 MiB) only to ask whether an argument is a
 #: DataFrame, so their process entrypoint keeps it out (restore of one file from a 10M-entry catalog stays small)
-NO_PANDAS_COMMANDS = frozenset({"restore", "ls", "inspect"})
+LEAN_COMMANDS = frozenset({"restore", "ls", "inspect"})  # read-side commands: runtime.lean_process
 
 
 
@@ -605,9 +605,9 @@ def main(argv: list[str] | None = None, out=None) -> int:
     if argv and argv[0] in JOB_COMMANDS:
         return cmd_job(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
-    if entrypoint and args.command in NO_PANDAS_COMMANDS and "pandas" not in sys.modules:
-        from .runtime import keep_pandas_out
-        keep_pandas_out()
+    if entrypoint and args.command in LEAN_COMMANDS and "pandas" not in sys.modules:
+        from .runtime import lean_process
+        lean_process()
     if entrypoint and args.command == "demo" and not getattr(args, "verbose", False) \
             and not os.environ.get("AUDIOARC_RAY_LOGS"):
         from .runtime import route_ray_logs

@@ -89,7 +89,7 @@ def restore_entry(dest: str, rec: ArchiveRecord, entry: ManifestEntry, out_url: 
 
 def _restore_many(dest, rec, entries, out, fmt, weights, n_q=None, codec=None) -> tuple[list[dict], list[dict]]:
     if codec is None:  # (a Ray task loads its own)
-        codec = archive.load_codec(dest, rec, weights)
+        codec = archive.load_codec(dest, rec, weights).for_decoding(n_q or rec.codec.n_q)
     done, refused = [], []
     for e in entries:
         try:
@@ -150,6 +150,9 @@ def run_restore(cfg: RestoreConfig) -> RestoreResult:
     n_q = prefix_stages(codec, rec, cfg.bitrate_kbps)
     n_q = None if n_q == rec.codec.n_q else n_q
     if len(chosen) <= cfg.parallel_threshold:
+        codec.for_decoding(n_q or rec.codec.n_q)  # the encoder and unused decoders are not kept
+        from .runtime import heap_for_decoding
+        heap_for_decoding()
         done, refused = _restore_many(cfg.dest, rec, chosen, cfg.out, cfg.format, cfg.codec_weights, n_q, codec)
         return RestoreResult(done, refused)
     del codec  # each task loads its own

@@ -151,3 +151,30 @@ def test_long_windows_decode_in_bounded_blocks_with_the_same_samples(name):
     assert out[None].shape == x.shape
     np.testing.assert_array_equal(out[DECODE_BLOCK_SECONDS], out[None])
     np.testing.assert_allclose(out[3.0], out[None], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["neural_rvq", "mdct_rvq"])
+def test_a_codec_kept_for_decoding_decodes_the_same_samples_and_holds_less(name):
+    """``for_decoding(n_q)`` (what a restore keeps): at every rung the same samples as the full codec, the same
+    checkpoint hash and decode context (the archive's frame layout); the neural codec drops its encoder and the
+    decoders and codebooks that rung does not use, and refuses to encode."""
+    full = load(name)
+    x = np.ascontiguousarray(tone(1.5, full.sample_rate).T)  # [1, T]
+    wav = torch.from_numpy(x)[None]
+    codes = encode_array(full, x, full.n_q)
+    size = sum(t.numel() for t in full.state_dict().values())
+    for n_q in full.ladder_n_q:
+        kept = load(name).for_decoding(n_q)
+        assert kept.checkpoint_hash() == full.checkpoint_hash()
+        assert kept.decode_context == full.decode_context
+        same = decode_array(kept, codes[:, :n_q], wav.shape[-1])
+        assert np.array_equal(same, decode_array(full, codes[:, :n_q], wav.shape[-1])), n_q
+        if name == "neural_rvq":
+            assert sum(t.numel() for t in kept.state_dict().values()) < 0.5 * size, n_q
+            with pytest.raises(RuntimeError, match="decoding only"):
+                kept.encode(wav, n_q)
+            if n_q < full.n_q:
+                with pytest.raises(ValueError, match="stages"):  # deeper codebooks are gone
+                    kept.decode(torch.zeros(1, n_q + 1, 200, dtype=torch.int64))
+    with pytest.raises(ValueError, match="n_q must be"):
+        load(name).for_decoding(full.n_q + 1)

@@ -204,8 +204,8 @@ def test_weights_round_trip_and_are_hash_checked(tmp_path):
 
 
 
-def test_weights_views_equal_the_safetensors_library_and_refuse_crafted_files():
-    """Weights load as views into the file's bytes (no third copy); every tensor equals what the safetensors
+def test_weights_load_in_place_equal_the_safetensors_library_and_refuse_crafted_files():
+    """Weights are read straight into the model (no second copy); every tensor equals what the safetensors
     library reads, and a file whose header lies about its byte ranges is refused before any model sees it."""
     import struct
 
@@ -217,12 +217,14 @@ def test_weights_views_equal_the_safetensors_library_and_refuse_crafted_files():
     from pipeline.errors import IntegrityError
     codec = registry.load("neural_rvq")
     data = weights.to_bytes(codec)
-    views, ref = weights._views(data), load(data)
-    assert views.keys() == ref.keys()
-    for k in ref:
-        assert views[k].dtype == ref[k].dtype and torch.equal(views[k], ref[k]), k
+    ref = load(data)
     back = weights.from_bytes(data, "neural_rvq", codec.checkpoint_hash(), "w")
+    got = back.state_dict()
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
     assert back.checkpoint_hash() == codec.checkpoint_hash()
+    assert back.rvq.pair_search == codec.rvq.pair_search  # the load hooks still run
 
     def crafted(header: dict, body: bytes) -> bytes:
         h = json.dumps(header).encode()
@@ -230,7 +232,8 @@ def test_weights_views_equal_the_safetensors_library_and_refuse_crafted_files():
 
     md = {"format": weights.MAGIC, "version": weights.VERSION, "codec": "neural_rvq", "checkpoint_hash": "0" * 16}
     good = save({"a": torch.ones(4), "b": torch.zeros(2)}, metadata=md)
-    assert set(weights._views(good)) == {"a", "b"}
+    with pytest.raises(IntegrityError, match="unreadable weights.*(Missing|Unexpected)"):  # well formed, wrong tensors
+        weights.from_bytes(good, "neural_rvq", "0" * 16, "good")
     bad = [
         crafted({"__metadata__": md, "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
                  "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, bytes(24)),  # overlap
@@ -238,13 +241,39 @@ def test_weights_views_equal_the_safetensors_library_and_refuse_crafted_files():
         crafted({"__metadata__": md, "a": {"dtype": "F32", "shape": [5], "data_offsets": [0, 16]}}, bytes(16)),  # shape lies
         crafted({"__metadata__": md, "a": {"dtype": "X9", "shape": [4], "data_offsets": [0, 16]}}, bytes(16)),  # dtype
         crafted({"__metadata__": md, "a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, bytes(16)),  # gap
+        crafted({"__metadata__": md, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(16)),  # trailing
         struct.pack("<Q", 1 << 40) + b"{}",  # header longer than the file
+        b"\x01\x02",  # not even a header length
     ]
     for i, b in enumerate(bad):
-        with pytest.raises(ValueError):
-            weights._views(b)
         with pytest.raises(IntegrityError, match="unreadable weights|not a safetensors|not an audioarc weights"):
             weights.from_bytes(b, "neural_rvq", "0" * 16, f"crafted{i}")
+
+
+def test_a_damaged_weights_file_is_named_damaged_whatever_else_fails(tmp_path):
+    """A weights file whose bytes no longer match the archive record is reported as failing its sha256, even when
+    the damage also breaks its header (the load reads the file once, straight into the model)."""
+    from pipeline.archive import weights
+    from pipeline.codec import registry
+    from pipeline.errors import IntegrityError
+    codec = registry.load("mdct_rvq")
+    ref = weights.embed(str(tmp_path), codec)
+    path = tmp_path / ref.path
+    data = path.read_bytes()
+    rec = archive.ArchiveRecord("audioarc", "2.0", codec.record(8), (), "", "", ref)
+    for where in (3, 20, len(data) // 2, len(data) - 1):  # header length, header JSON, a tensor, the last byte
+        bad = bytearray(data)
+        bad[where] ^= 0x41
+        path.write_bytes(bytes(bad))
+        with pytest.raises(IntegrityError, match="sha256 check"):
+            weights.load_codec(str(tmp_path), rec)
+    path.write_bytes(data + b"x")  # bytes appended
+    with pytest.raises(IntegrityError, match="sha256 check"):
+        weights.load_codec(str(tmp_path), rec)
+    path.write_bytes(data)
+    assert weights.load_codec(str(tmp_path), rec).checkpoint_hash() == codec.checkpoint_hash()
+
+
 @pytest.mark.parametrize("version,ok", [("1.0", True), ("1.7", True), ("2.0", True), ("2.3", True), ("3.0", False),
                                         ("0.9", False)])
 def test_readers_reject_unknown_major_versions(version, ok):

@@ -7,6 +7,7 @@ record, then the loaded tensors' checkpoint hash against the name, before any de
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import struct
 
@@ -38,26 +39,15 @@ def _metadata(data: bytes, where: str) -> dict:
 
 def from_bytes(data: bytes, name: str, expect_hash: str, where: str, device: str = "cpu"):
     """The codec ``name`` with the weights in ``data``; raises unless they hash to ``expect_hash``."""
-    from ..codec import registry
-    md = _metadata(data, where)
-    if md.get("format") != MAGIC:
-        raise IntegrityError(f"{where}: not an audioarc weights file (format {md.get('format')!r})")
-    if md.get("version") != VERSION:
-        raise CodecUnavailableError(f"{where}: weights file version {md.get('version')} is newer than this "
-                                    f"audioarc reads ({VERSION}); upgrade audioarc")
-    if md.get("codec") != name:
-        raise IntegrityError(f"{where}: holds weights of codec {md.get('codec')!r}, the archive needs {name!r}")
-    try:
-        tensors = _views(data)
-    except Exception as e:  # noqa: BLE001
-        raise IntegrityError(f"{where}: unreadable weights ({type(e).__name__}: {str(e)[:200]})") from None
-    codec = registry.spec(name).factory()
-    codec.load_weights({"model": tensors}, where)  # copied out of the views: no third copy of the weights
-    del tensors
+    codec = _load(_Hashing(io.BytesIO(data)), name, where)
+    return _checked(codec, expect_hash, where).to(device)
+
+
+def _checked(codec, expect_hash: str, where: str):
     if codec.checkpoint_hash() != expect_hash:
         raise IntegrityError(f"{where}: its tensors hash to {codec.checkpoint_hash()}, the archive was made with "
                              f"{expect_hash} (a damaged or replaced weights file)")
-    return codec.eval().to(device)
+    return codec.eval()
 
 
 def embed(dest: str, codec) -> WeightsRef:
@@ -80,62 +70,169 @@ def embed(dest: str, codec) -> WeightsRef:
 
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
            "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+MAX_HEADER = 64 << 20  # bytes of JSON header a weights file may have (the shipped codec's: ~20 KiB)
 
 
-def _views(data: bytes) -> dict:
-    """The tensors of the safetensors file ``data`` as read-only views into it (no copy: loading the weights
-    holds the file's bytes and the model, not a third copy). Every entry is checked against the format: a known
-    dtype, a shape whose size matches its byte range, ranges inside the data that tile it without gaps or
-    overlaps (as the safetensors library requires)."""
-    import warnings
+class _Hashing:
+    """Reads ``raw`` exactly, hashing every byte read (sha256 of the whole file once it is drained)."""
 
+    def __init__(self, raw):
+        self.raw, self.sha = raw, hashlib.sha256()
+
+    def into(self, buf: memoryview) -> None:
+        """Fill ``buf`` (a writable byte view) from the stream; ValueError if the file ends first."""
+        got = 0
+        while got < len(buf):
+            n = self.raw.readinto(buf[got:])
+            if not n:
+                raise ValueError("the file ends inside a tensor (a byte range past its end)")
+            got += n
+        self.sha.update(buf)
+
+    def read(self, n: int) -> bytes:
+        buf = bytearray(n)
+        self.into(memoryview(buf))
+        return bytes(buf)
+
+    def drain(self) -> int:
+        """Hash the rest of the stream; returns how many bytes were left."""
+        left = 0
+        while chunk := self.raw.read(1 << 20):
+            self.sha.update(chunk)
+            left += len(chunk)
+        return left
+
+
+def _entries(header: dict) -> list[tuple[str, str, list[int], int, int]]:
+    """The header's tensors as (key, dtype, shape, start, end) by start, checked against the format: a known
+    dtype, a shape whose size matches its byte range, ranges that tile the data from 0 without gaps or overlaps
+    (as the safetensors library requires)."""
     import torch
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
-        raise ValueError("header longer than the file")
-    header = json.loads(data[8:8 + n])
-    base, end = 8 + n, len(data) - 8 - n
-    out, spans = {}, []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": the views are only read
-        for key, v in header.items():
-            if key == "__metadata__":
-                continue
-            if v.get("dtype") not in _DTYPES:
-                raise ValueError(f"tensor {key!r}: unknown dtype {v.get('dtype')!r}")
-            dt = getattr(torch, _DTYPES[v["dtype"]])
-            a, b = (int(x) for x in v["data_offsets"])
-            shape = [int(d) for d in v["shape"]]
-            count = 1
-            for d in shape:
-                count *= d
-            if not 0 <= a <= b <= end or b - a != count * dt.itemsize:
-                raise ValueError(f"tensor {key!r}: byte range {a}..{b} does not hold shape {shape} of {v['dtype']}")
-            spans.append((a, b))
-            out[key] = (torch.frombuffer(data, dtype=dt, count=count, offset=base + a) if count
-                        else torch.empty(0, dtype=dt)).reshape(shape)
+    out = []
+    for key, v in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(v, dict) or v.get("dtype") not in _DTYPES:
+            raise ValueError(f"tensor {key!r}: unknown dtype {v.get('dtype') if isinstance(v, dict) else v!r}")
+        a, b = (int(x) for x in v["data_offsets"])
+        shape = [int(d) for d in v["shape"]]
+        count = 1
+        for d in shape:
+            if d < 0:
+                raise ValueError(f"tensor {key!r}: negative dimension in {shape}")
+            count *= d
+        if not 0 <= a <= b or b - a != count * getattr(torch, _DTYPES[v["dtype"]]).itemsize:
+            raise ValueError(f"tensor {key!r}: byte range {a}..{b} does not hold shape {shape} of {v['dtype']}")
+        out.append((key, v["dtype"], shape, a, b))
+    out.sort(key=lambda e: (e[3], e[4]))
     pos = 0
-    for a, b in sorted(spans):
+    for _, _, _, a, b in out:
         if a != pos:
             raise ValueError("tensor byte ranges overlap or leave gaps")
         pos = b
-    if pos != end:
-        raise ValueError("bytes after the last tensor")
     return out
 
 
+def _load(src: _Hashing, name: str, where: str):
+    """Codec ``name`` with the weights the safetensors stream ``src`` holds (drained: ``src.sha`` is then the
+    file's sha256).
+
+    The tensors are read straight into the codec's own parameters and buffers where dtype and shape agree (no
+    second copy of the weights in memory at any moment); anything else is read into a tensor of its own and left
+    to the codec's ``load_weights`` (which refuses what it does not know). The header is checked before any
+    tensor is read; every malformed file is an IntegrityError naming ``where``."""
+    import torch
+
+    from ..codec import registry
+    try:
+        (n,) = struct.unpack("<Q", src.read(8))
+        if n > MAX_HEADER:
+            raise ValueError(f"a header of {n} bytes (more than {MAX_HEADER})")
+        header = json.loads(src.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except Exception:  # noqa: BLE001
+        raise IntegrityError(f"{where}: not a safetensors weights file (damaged or replaced)") from None
+    md = dict(header.get("__metadata__") or {})
+    if md.get("format") != MAGIC:
+        raise IntegrityError(f"{where}: not an audioarc weights file (format {md.get('format')!r})")
+    if md.get("version") != VERSION:
+        raise CodecUnavailableError(f"{where}: weights file version {md.get('version')} is newer than this "
+                                    f"audioarc reads ({VERSION}); upgrade audioarc")
+    if md.get("codec") != name:
+        raise IntegrityError(f"{where}: holds weights of codec {md.get('codec')!r}, the archive needs {name!r}")
+    try:
+        entries = _entries(header)
+        codec = registry.spec(name).factory()
+        codec.prepare_weights([e[0] for e in entries], where)
+        targets = codec.state_dict()  # (detached tensors sharing the model's storage)
+        state = {}
+        for key, dtype, shape, a, b in entries:
+            dt = getattr(torch, _DTYPES[dtype])
+            t = targets.get(key)
+            if t is None or t.dtype != dt or list(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu":
+                t = torch.empty(shape, dtype=dt)
+            if b > a:
+                src.into(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            state[key] = t
+        if src.drain():
+            raise ValueError("bytes after the last tensor")
+        codec.load_weights({"model": state}, where)  # (the tensors read in place are copied onto themselves)
+    except CodecUnavailableError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise IntegrityError(f"{where}: unreadable weights ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]})") from None
+    return codec
+
+
+def _stream(url: str):
+    """A reader of ``url``: a local file is read as it is loaded; an object is fetched whole first (retried)."""
+    if storage.is_local(url):
+        return open(storage.local_path(url), "rb")
+    return io.BytesIO(storage.read_bytes(url))
+
+
+def _fix(dest: str) -> str:
+    return f"copy them back from a replica, or run `audioarc adopt-weights {dest} WEIGHTS` with the checkpoint"
+
+
 def read_checked(dest: str, ref: WeightsRef) -> bytes:
+    """The bytes of the archive's weights file ``ref``, checked against the record's sha256 (``verify``)."""
     url = storage.join(dest, ref.path)
     try:
         data = storage.read_bytes(url)
     except StorageError:
-        raise CodecUnavailableError(f"{url}: the archive's codec weights are missing; copy them back from a "
-                                    f"replica, or run `audioarc adopt-weights {dest} WEIGHTS` with the checkpoint "
-                                    f"that made the archive") from None
+        raise CodecUnavailableError(f"{url}: the archive's codec weights are missing; {_fix(dest)} that made the "
+                                    f"archive") from None
     if hashlib.sha256(data).hexdigest() != ref.sha256:
-        raise IntegrityError(f"{url}: the archive's codec weights fail their sha256 check (damaged); copy them back "
-                             f"from a replica, or run `audioarc adopt-weights {dest} WEIGHTS` with the checkpoint")
+        raise IntegrityError(f"{url}: the archive's codec weights fail their sha256 check (damaged); {_fix(dest)}")
     return data
+
+
+def load_checked(dest: str, ref: WeightsRef, name: str, expect_hash: str, device: str = "cpu"):
+    """The archive's codec from its weights file ``ref``: the file's sha256 checked against the archive record
+    (a damaged file is named as such, whatever else is wrong with it), then its tensors' checkpoint hash against
+    ``expect_hash``. A local file is read once, straight into the model (never whole in memory)."""
+    url = storage.join(dest, ref.path)
+    try:
+        raw = _stream(url)
+    except (StorageError, OSError):
+        raise CodecUnavailableError(f"{url}: the archive's codec weights are missing; {_fix(dest)} that made "
+                                    f"the archive") from None
+    with raw:
+        src = _Hashing(raw)
+        damaged = IntegrityError(f"{url}: the archive's codec weights fail their sha256 check (damaged); {_fix(dest)}")
+        try:
+            codec = _load(src, name, url)
+        except (IntegrityError, CodecUnavailableError):
+            src.drain()
+            if src.sha.hexdigest() != ref.sha256:
+                raise damaged from None
+            raise
+    if src.sha.hexdigest() != ref.sha256:
+        raise damaged
+    return _checked(codec, expect_hash, url).to(device)
 
 
 def find(dest: str, codec: CodecRecord) -> WeightsRef | None:
@@ -165,7 +262,7 @@ def load_codec(dest: str, rec, weights: str | None = None, device: str = "cpu"):
         return codec
     ref = rec.weights or find(dest, want)
     if ref is not None:
-        return from_bytes(read_checked(dest, ref), want.name, want.checkpoint_hash, storage.join(dest, ref.path), device)
+        return load_checked(dest, ref, want.name, want.checkpoint_hash, device)
     shipped = registry.shipped_weights_for(want)
     if shipped is not None:
         return registry.load(want.name, shipped, device)

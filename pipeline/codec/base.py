@@ -87,6 +87,10 @@ class Codec(nn.Module):
         context at the start of a file). Code 0 unless the codec knows better (e.g. its silence code)."""
         return torch.zeros(n_q, dtype=torch.int64)
 
+    def prepare_weights(self, keys, where: str = "checkpoint") -> None:
+        """Shape this codec for a checkpoint whose state dict has ``keys`` (e.g. add the optional modules it
+        carries), so its own ``state_dict()`` then has a tensor for each key a loader can fill in place."""
+
     def load_weights(self, state: dict, where: str = "checkpoint") -> None:
         """Load a checkpoint: a state dict, or ``{"model": state_dict, ...}``."""
         self.load_state_dict(state["model"] if "model" in state else state)
@@ -114,8 +118,24 @@ class Codec(nn.Module):
         rates = ", ".join(f"{r:g}" for r in sorted(self.ladder()))
         raise ConfigError(f"codec {self.name!r} has no {kbps:g} kbps setting; its ladder is: {rates} kbps")
 
+    def for_decoding(self, n_q: int) -> "Codec":
+        """This codec, keeping only what decoding ``n_q`` stages needs (``_release_for_decoding``: e.g. the
+        encoder, other rungs' decoders, deeper codebooks), for a restore that never encodes. Its checkpoint hash
+        stays that of the full weights; decoding ``n_q`` stages gives the same samples as before."""
+        if not 1 <= n_q <= self.n_q:
+            raise ValueError(f"n_q must be in [1, {self.n_q}], got {n_q}")
+        full = self.checkpoint_hash()
+        self._release_for_decoding(n_q)
+        self._decode_only = (full, n_q)
+        return self
+
+    def _release_for_decoding(self, n_q: int) -> None:
+        """Drop the modules and tensors that decoding ``n_q`` stages does not use (default: none)."""
+
     def checkpoint_hash(self) -> str:
         """Content hash of every parameter and buffer: two codecs with the same hash decode alike."""
+        if getattr(self, "_decode_only", None):
+            return self._decode_only[0]
         h = hashlib.sha256()
         for key, tensor in sorted(self.state_dict().items()):
             h.update(key.encode())

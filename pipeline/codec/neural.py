@@ -202,11 +202,10 @@ class NeuralRvqCodec(Codec):
         """The decoder used for ``n_q`` stages: the rung decoder if one exists, else the shared one."""
         return self.rung_decoders[str(n_q)] if str(n_q) in self.rung_decoders else self.decoder
 
-    def load_weights(self, state: dict, where: str = "checkpoint") -> None:
-        """Load a checkpoint, first adding the rung decoders it carries (``rung_decoders.<K>.*`` keys)."""
-        sd = state["model"] if "model" in state else state
+    def prepare_weights(self, keys, where: str = "checkpoint") -> None:
+        """Add the rung decoders (and their extra blocks) that a checkpoint's ``rung_decoders.<K>.*`` keys name."""
         blocks: dict[int, list[int]] = {}  # rung -> [residual blocks, look-ahead blocks] in its decoder
-        for key in sd:
+        for key in keys:
             m = re.match(r"rung_decoders\.(\d+)\.(?:(blocks|ahead)\.(\d+)\.)?", key)
             if m:
                 n = blocks.setdefault(int(m.group(1)), [0, 0])
@@ -219,6 +218,11 @@ class NeuralRvqCodec(Codec):
                 self.add_rung_decoder(k, max(0, n - len(dec.blocks)), max(0, a - len(dec.ahead)))
             except ValueError as e:
                 raise CodecUnavailableError(f"{where}: {e}") from None
+
+    def load_weights(self, state: dict, where: str = "checkpoint") -> None:
+        """Load a checkpoint, first adding the rung decoders it carries (``prepare_weights``)."""
+        sd = state["model"] if "model" in state else state
+        self.prepare_weights(sd, where)
         self.load_state_dict(sd)
 
     # -- feature transforms -----------------------------------------------------------------
@@ -240,8 +244,22 @@ class NeuralRvqCodec(Codec):
         return out[:, None, hop: out.shape[-1] - hop]
 
     # -- the contract ---------------------------------------------------------------------------
+    def _release_for_decoding(self, n_q: int) -> None:
+        # the encoder, the decoders other than decoder_for(n_q), codebooks past n_q; decode_context stays (it is
+        # the archive's frame layout, set by the widest decoder of the full weights)
+        keep = self.decoder_for(n_q)
+        self.encoder = None
+        for k in [k for k, d in self.rung_decoders.items() if d is not keep]:
+            del self.rung_decoders[k]
+        if keep is not self.decoder:
+            self.decoder = None
+        self.rvq.codebooks = self.rvq.codebooks[:n_q].clone()
+        self.rvq.n_q = n_q
+
     @torch.inference_mode()
     def encode(self, wav: torch.Tensor, n_q: int) -> torch.Tensor:
+        if self.encoder is None:
+            raise RuntimeError(f"{self.name}: loaded for decoding only (for_decoding), it cannot encode")
         z = self.encoder(self.features(wav))
         return self.rvq.encode(z, n_q)
 
