@@ -168,7 +168,9 @@ def visqol(ref, deg, rate: int, mode: str = "audio") -> float | None:
     api = _VISQOL.get(mode)
     if api is None:
         api = VisqolApi()
-        api.create(mode=mode)
+        # speech: the polynomial MOS mapping, always (what visqol-python falls back to, with a warning on every
+        # run, when its optional lattice runtime is missing): scores that do not change with what is installed
+        api.create(mode=mode, **({"use_lattice_model": False} if mode == "speech" else {}))
         _VISQOL[mode] = api
     res = api.measure_from_arrays(r, d, target)
     return float(res.moslqo)
