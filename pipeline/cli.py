@@ -358,7 +358,7 @@ LEAN_COMMANDS = frozenset({"restore", "ls", "inspect"})  # read-side commands: r
 
 
 
-JOB_COMMANDS = {"train": "jobs.train_codec", "codec-eval": "jobs.tools.codec_eval"}
+JOB_COMMANDS = {"train": "pipeline.train", "codec-eval": "jobs.tools.codec_eval"}
 
 
 def cmd_job(command: str, job_args: list[str]) -> int:
@@ -571,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--work-dir", help=argparse.SUPPRESS)
     tu.add_argument("--keep-work", action="store_true", help=argparse.SUPPRESS)
     for opt, typ in (("--steps", int), ("--batch", int), ("--lr", float), ("--seg-frames", int),
-                     ("--val-segments", int), ("--ckpt-every", int)):  # advanced: passed to jobs/train_codec.py
+                     ("--val-segments", int), ("--ckpt-every", int)):  # advanced: passed to pipeline/train.py
         tu.add_argument(opt, type=typ, default=None, help=argparse.SUPPRESS)
     tu.add_argument("--s3-endpoint", metavar="URL",
                     help="S3-compatible endpoint for s3:// URLs (default: AWS_ENDPOINT_URL, else AWS)")
@@ -579,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.set_defaults(fn=cmd_tune)
 
     # listed for --help; main() hands their arguments to the job entrypoints untouched
-    sub.add_parser("train", help="train the neural codec (jobs/train_codec.py; `audioarc train --help`)")
+    sub.add_parser("train", help="train the neural codec (pipeline/train.py; `audioarc train --help`)")
     sub.add_parser("codec-eval", help="evaluate codecs vs Opus/MP3 (jobs/tools/codec_eval.py; `audioarc codec-eval --help`)")
 
     d = sub.add_parser("demo", help="set up a small real corpus and archive it (the README's first command)")

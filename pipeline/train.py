@@ -1,7 +1,7 @@
 """Train the ``neural_rvq`` codec (MDCT-domain conv autoencoder + EMA residual VQ).
 
-    python -m jobs.train_codec [--data DIR|URL] [--steps N] [--max-minutes M] [--run-dir DIR] [--resume]
-                               [--no-ray] [--threads 1] [--out pipeline/codec/weights/neural_rvq.pt]
+    audioarc train [--data DIR|URL] [--steps N] [--max-minutes M] [--run-dir DIR] [--resume]
+                   [--no-ray] [--threads 1] [--out pipeline/codec/weights/neural_rvq.pt]
 
 Runs through Ray Train (``TorchTrainer``, GPU per worker when the cluster has GPUs) unless ``--no-ray``;
 both paths run the same loop. ``--workers N`` trains data-parallel: each worker draws its own ``--batch``
@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import ConfigError
+from .errors import ConfigError
 
 SEG_FRAMES = 112  # frames per training segment (~1.5 s)
 
@@ -153,7 +153,7 @@ class TrainConfig:
 def training_files(data: str | Path | None) -> list[str]:
     """Audio files of ``data`` (a folder, or a URL prefix such as ``s3://bucket/audio/``; default: the Debian
     corpus) minus the held-out split (``corpus.is_heldout``, by name hash)."""
-    from pipeline import corpus, storage
+    from . import corpus, storage
     if data is None or storage.is_local(str(data)):
         root = Path(storage.local_path(str(data))) if data is not None else corpus.fetch()
         files = [str(p) for p in corpus.audio_files(root)]
@@ -166,7 +166,7 @@ def build_cache(data: str | Path | None, cache: Path, rate: int = 24000, max_sec
                 max_speech_files: int = 1200, seed: int = 0, log=print) -> Path:
     """Decode the training split of ``data`` (folder or URL; see ``training_files``) to 24 kHz mono float16
     and save ``cache`` (.npz). Remote files are downloaded one at a time for decoding."""
-    from pipeline import audio, corpus, storage
+    from . import audio, corpus, storage
     if cache.exists():
         return cache
     files = training_files(data)
@@ -351,9 +351,9 @@ class _Run:
 
     def build_model(self) -> None:
         """Build the codec, sampler and quantizer trainer, load ``--init-from`` and freeze what is not trained."""
-        from pipeline.codec.neural import NeuralRvqCodec
-        from pipeline.codec.neural_train import EmaRvqTrainer
-        from pipeline.codec.registry import read_weights
+        from .codec.neural import NeuralRvqCodec
+        from .codec.neural_train import EmaRvqTrainer
+        from .codec.registry import read_weights
         config, dp = self.config, self.dp
         codec = self.codec = NeuralRvqCodec(width=config.width, latent_dim=config.latent_dim,
                                             dilations=tuple(config.dilations), n_q=config.n_q,
@@ -504,7 +504,7 @@ class _Run:
 
     def validate(self) -> float:
         """The best-model score on the fixed validation segments."""
-        from pipeline.codec.neural_train import forward_rung_decoder, forward_train
+        from .codec.neural_train import forward_rung_decoder, forward_train
         self.codec.eval()
         with torch.no_grad():
             if self.rung:  # the training objective at that rung
@@ -524,7 +524,7 @@ class _Run:
 
     def kmeans_init(self) -> None:
         """Start the quantizer: k-means codebooks from the model's latents (rank 0's, for every worker)."""
-        from pipeline.codec.neural_train import collect_latents
+        from .codec.neural_train import collect_latents
         codec, vq, config = self.codec, self.vq, self.config
         codec.eval()
         lat = collect_latents(codec, [self.sampler.batch(config.batch).to(self.device)
@@ -538,7 +538,7 @@ class _Run:
 
     def optimise(self) -> tuple[dict, torch.Tensor]:
         """One forward/backward/optimizer step on a fresh batch; returns its logs and the gradient norm."""
-        from pipeline.codec.neural_train import (
+        from .codec.neural_train import (
             forward_rung_decoder,
             forward_train,
             sample_n_q,
@@ -717,7 +717,7 @@ def combine_rung_decoders(base: Path, rung_files: list[Path], out: Path, log=pri
     def rung_of(key: str) -> int | None:  # rung_decoders.<K>.* -> K
         return int(key.split(".")[1]) if key.startswith("rung_decoders.") else None
 
-    from pipeline.codec.registry import read_weights
+    from .codec.registry import read_weights
     b = read_weights(base)
     model = dict(b["model"])
     rungs = {rung_of(k) for k in model} - {None}
@@ -749,7 +749,8 @@ def combine_rung_decoders(base: Path, rung_files: list[Path], out: Path, log=pri
 
 def build_parser() -> argparse.ArgumentParser:
     D = TrainConfig  # the run's defaults: the options of its fields default to them
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="audioarc train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="folder or URL prefix (s3://...) of audio (default: the "
                     "Debian corpus)")
     ap.add_argument("--cache", type=Path, default=Path(D.cache))

@@ -46,7 +46,7 @@ class TuneConfig:
     force: bool = False  # write the tuned weights even when they are not better (their report says so)
     work_dir: str | None = None  # parent of the run's scratch folder (default: the output's folder)
     keep_work: bool = False
-    # passed to jobs/train_codec.py when given (None: the trainer's defaults)
+    # passed to the trainer (pipeline/train.py) when given (None: the trainer's defaults)
     steps: int | None = None
     batch: int | None = None
     lr: float | None = None
@@ -173,9 +173,9 @@ def stage_tuning(tune: list[tuple[str, object]], data_dir: Path, log=print) -> l
     return staged
 
 
-# -- training: jobs/train_codec.py from the base release ---------------------------------------------------------
+# -- training: pipeline/train.py from the base release ---------------------------------------------------------
 def trainer_argv(cfg: TuneConfig, data_dir: Path, work: Path, candidate: Path) -> list[str]:
-    """The ``jobs/train_codec.py`` command line of the fine-tune: from the base, on ``data_dir``, a fresh cache and
+    """The trainer's (``pipeline/train.py``) command line of the fine-tune: from the base, on ``data_dir``, a fresh cache and
     run folder under ``work``, best weights to ``candidate``."""
     argv = ["--data", str(data_dir), "--init-from", str(cfg.base_path()), "--max-minutes", f"{cfg.minutes:g}",
             "--out", str(candidate), "--run-dir", str(work / "run"), "--cache", str(work / "train_24k.npz"),
@@ -271,8 +271,8 @@ def run_tune(cfg: TuneConfig, log=print) -> dict:
     way. Returns the report (``kept``: the weights were written)."""
     import torch
 
-    from jobs import train_codec
 
+    from . import train
     from .codec import registry
     t0 = time.time()
     library = list_library(cfg.src)
@@ -290,9 +290,9 @@ def run_tune(cfg: TuneConfig, log=print) -> dict:
         stage_tuning(tune, data_dir, log)
         candidate = work / "candidate.pt"
         argv = trainer_argv(cfg, data_dir, work, candidate)
-        log(f"tune: python -m jobs.train_codec {' '.join(argv)}")
+        log(f"tune: audioarc train {' '.join(argv)}")
         t_train = time.time()
-        train_codec.main(argv)
+        train.main(argv)
         train_s = time.time() - t_train
         if not candidate.exists():
             raise ConfigError(f"the fine-tune wrote no weights (see {work / 'run' / 'train.log'})")

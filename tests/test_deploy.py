@@ -62,7 +62,7 @@ def test_train_rayjob_gives_every_worker_a_gpu_and_the_shared_run_dir():
     """The training RayJob: its entrypoint parses with train_codec's own parser; the GPU group is fixed at
     --workers replicas (the driver reads the cluster's GPUs when it starts); every pod mounts the one
     ReadWriteMany claim that holds --run-dir, --cache and --out (rank 0 checkpoints, all ranks resume)."""
-    from jobs import train_codec
+    from pipeline import train as train_codec
     pvc, job = docs("rayjob-train.yaml")
     assert pvc["kind"] == "PersistentVolumeClaim" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")

@@ -443,7 +443,7 @@ TINY_ARGS = ["--width", "16", "--latent-dim", "4", "--dilations", "1", "--n-q", 
 
 
 def test_train_job_no_ray_and_resume(tmp_path):
-    from jobs import train_codec
+    from pipeline import train as train_codec
     d = _audio_dir(tmp_path)
     common = ["--data", str(d), "--cache", str(tmp_path / "c.npz"), "--run-dir", str(tmp_path / "run"),
               "--out", str(tmp_path / "w.pt"), "--no-ray", *TINY_ARGS]
@@ -470,8 +470,8 @@ def test_train_config_reads_saved_dicts_and_validates():
     does not know are ignored, missing ones take their defaults; ``validate`` refuses values no run can use."""
     from dataclasses import replace
 
-    from jobs import train_codec
-    from jobs.train_codec import TrainConfig
+    from pipeline import train as train_codec
+    from pipeline.train import TrainConfig
     from pipeline.errors import ConfigError
     cfg = train_codec.default_config(train_codec.build_parser().parse_args(["--rung-weights", "1", "2"])).validate()
     saved = cfg.to_dict()  # what a checkpoint stores: the dict config's keys and values
@@ -490,7 +490,7 @@ def test_train_config_reads_saved_dicts_and_validates():
 def test_train_job_reads_audio_from_object_storage(tmp_path, s3_prefix):
     """--data s3://...: training audio listed and fetched from the bucket (the session's SeaweedFS server),
     the held-out split applied to the object names as to local ones."""
-    from jobs import train_codec
+    from pipeline import train as train_codec
     from pipeline import corpus
     from tests.s3_fixtures import upload_tree
     d = _audio_dir(tmp_path)
@@ -519,7 +519,7 @@ def test_train_job_reads_audio_from_object_storage(tmp_path, s3_prefix):
 def test_train_job_fine_tunes_from_released_weights(tmp_path):
     """--init-from starts from shipped-style weights (no optimizer or EMA state): the quantizer is live from
     step 0 (no warm-up, no k-means re-init), and the fine-tune options reach the loop."""
-    from jobs import train_codec
+    from pipeline import train as train_codec
     d = _audio_dir(tmp_path)
     common = ["--data", str(d), "--cache", str(tmp_path / "c.npz"), "--no-ray", *TINY_ARGS]
     train_codec.main([*common, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "w.pt"), "--steps", "3"])
@@ -543,7 +543,7 @@ def test_train_job_fine_tunes_from_released_weights(tmp_path):
 def test_train_job_trains_a_rung_decoder_only(tmp_path):
     """--rung-decoder K: only the decoder for K stages learns; encoder, codebooks and the shared decoder are
     exactly the released ones (so codes and other rungs do not change), and the run resumes."""
-    from jobs import train_codec
+    from pipeline import train as train_codec
     d = _audio_dir(tmp_path)
     common = ["--data", str(d), "--cache", str(tmp_path / "c.npz"), "--no-ray", *TINY_ARGS]
     train_codec.main([*common, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "w.pt"), "--steps", "3"])
@@ -624,7 +624,7 @@ def test_keep_codes_fine_tunes_the_rest_and_keeps_the_first_stages_codes(tmp_pat
     """--keep-codes K: a fine-tune that leaves the encoder, the first K codebooks and the rung decoders
     exactly as released, so K-stage codes and their decoded audio are unchanged, while the shared decoder and
     the later codebooks learn (and decode the higher rungs differently)."""
-    from jobs import train_codec
+    from pipeline import train as train_codec
     d = _audio_dir(tmp_path)
     args = [a if a != "2" or TINY_ARGS[i - 1] != "--n-q" else "4" for i, a in enumerate(TINY_ARGS)]
     common = ["--data", str(d), "--cache", str(tmp_path / "c.npz"), "--no-ray", *args]
@@ -695,7 +695,7 @@ def test_rung_weights_and_envelope_loss():
 def test_train_job_ray_train_two_steps(tmp_path):
     pytest.importorskip("ray.train")
     import ray
-    from jobs import train_codec
+    from pipeline import train as train_codec
     d = _audio_dir(tmp_path)
     shared = ray.is_initialized()  # the session's Ray node (ray_cluster fixture) is left running for later tests
     try:
@@ -715,7 +715,7 @@ def test_train_job_data_parallel_workers_stay_identical(tmp_path):
     job checks at the end that both replicas hold the same weights and codebooks (the log says so)."""
     pytest.importorskip("ray.train")
     import ray
-    from jobs import train_codec
+    from pipeline import train as train_codec
     d = _audio_dir(tmp_path)
     shared = ray.is_initialized()
     try:
@@ -737,7 +737,7 @@ def test_train_job_data_parallel_workers_stay_identical(tmp_path):
 def _average_grads_worker(rank: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
-    from jobs.train_codec import DataParallel
+    from pipeline.train import DataParallel
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
     a.grad = torch.full((3,), 2.0 * (rank + 1))
@@ -879,7 +879,7 @@ def test_fp32_codes_agree_across_thread_counts_and_with_float64_except_at_rare_t
 
 def test_cli_runs_the_codec_jobs_with_their_options(capsys, monkeypatch, tmp_path):
     """`audioarc codec-eval` / `audioarc train` hand their options to the job entrypoints."""
-    from jobs import train_codec
+    from pipeline import train as train_codec
     from jobs.tools import codec_eval
     from pipeline.cli import main
     with pytest.raises(SystemExit) as e:

@@ -132,7 +132,7 @@ def test_weights_worse_on_the_heldout_files_are_refused(cli_noray, tmp_path, mon
     """Whatever the trainer hands back is scored on the held-out files: weights that sound worse there (here the
     release with its decoder perturbed, as a fine-tune that overfits its tuning part) are refused."""
     import torch
-    from jobs import train_codec
+    from pipeline import train as train_codec
 
     def overfit(argv):
         from pipeline.codec import registry

@@ -19,7 +19,7 @@ of samples and a decoded sample on a fixed span of codes; the declared contexts 
 receptive fields (``encoder_rf``/``decoder_rf``), which makes windowed encoding and decoding give the
 same result as whole-signal processing.
 
-Training (``jobs/train_codec.py``) runs the same convolutions with zero padding (``pad=True``) so a
+Training (``pipeline/train.py``) runs the same convolutions with zero padding (``pad=True``) so a
 training segment keeps its length; at inference the pipeline supplies the real context instead.
 The bitrate ladder is 1.5/3/6/12/24 kbps = 2/4/8/16/32 stages (quantizer dropout in training).
 
@@ -29,7 +29,7 @@ which widens ``decode_context[0]``; and optionally symmetric *look-ahead* blocks
 ``decode_context``, so every file then stores that many more code frames at every rung), used whenever
 exactly ``K`` stages are decoded.
 The encoder and codebooks stay shared, so codes are the same; only that rung's reconstruction is
-specialised (``jobs/train_codec.py --rung-decoder K``; stored as float16 in the weights file, run in
+specialised (``audioarc train --rung-decoder K``; stored as float16 in the weights file, run in
 float32). A checkpoint without one loads and hashes as before.
 """
 from __future__ import annotations

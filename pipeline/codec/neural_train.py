@@ -1,7 +1,7 @@
 """Training machinery for ``neural_rvq``: EMA residual VQ with dead-code restart, losses, one step.
 
 Kept out of ``neural.py`` so inference imports nothing it does not need; used by
-``jobs/train_codec.py`` and the tests.
+``pipeline/train.py`` and the tests.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class EmaRvqTrainer:
     ``max_restarts`` codes per stage and step (rate limit), so small batches don't thrash.
 
     ``frozen_stages``: the first that many codebooks are never updated (neither EMA nor restarts), so their
-    codes stay those of the weights the run started from (``jobs/train_codec.py --keep-codes``).
+    codes stay those of the weights the run started from (``audioarc train --keep-codes``).
     """
 
     def __init__(self, codec: NeuralRvqCodec, decay: float = 0.99, dead_fraction: float = 0.03,
