@@ -1,4 +1,5 @@
-"""The Ray runtime: connecting to a cluster (or starting a local node on loopback) with the storage env."""
+"""The process runtime: Ray start-up (a cluster, or a local node on loopback, with the storage env), Ray's log lines,
+and lean read-side processes (no pandas, memory handed back: ``lean_process``)."""
 from __future__ import annotations
 
 import logging
