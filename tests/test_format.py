@@ -243,11 +243,15 @@ def test_weights_load_in_place_equal_the_safetensors_library_and_refuse_crafted_
         crafted({"__metadata__": md, "a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, bytes(16)),  # gap
         crafted({"__metadata__": md, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(16)),  # trailing
         struct.pack("<Q", 1 << 40) + b"{}",  # header longer than the file
+        crafted({"__metadata__": md, "x": {"dtype": "F32", "shape": [1 << 40], "data_offsets": [0, 1 << 42]}},
+                bytes(16)),  # a tensor no file holds: refused before anything is allocated for it
         b"\x01\x02",  # not even a header length
     ]
     for i, b in enumerate(bad):
         with pytest.raises(IntegrityError, match="unreadable weights|not a safetensors|not an audioarc weights"):
             weights.from_bytes(b, "neural_rvq", "0" * 16, f"crafted{i}")
+    with pytest.raises(IntegrityError, match="does not hold shape"):  # by the header check, not a failed allocation
+        weights.from_bytes(bad[-2], "neural_rvq", "0" * 16, "huge")
 
 
 def test_a_damaged_weights_file_is_named_damaged_whatever_else_fails(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import struct
 
 from .. import storage
@@ -39,7 +40,7 @@ def _metadata(data: bytes, where: str) -> dict:
 
 def from_bytes(data: bytes, name: str, expect_hash: str, where: str, device: str = "cpu"):
     """The codec ``name`` with the weights in ``data``; raises unless they hash to ``expect_hash``."""
-    codec = _load(_Hashing(io.BytesIO(data)), name, where)
+    codec = _load(_Hashing(io.BytesIO(data), len(data)), name, where)
     return _checked(codec, expect_hash, where).to(device)
 
 
@@ -74,10 +75,10 @@ MAX_HEADER = 64 << 20  # bytes of JSON header a weights file may have (the shipp
 
 
 class _Hashing:
-    """Reads ``raw`` exactly, hashing every byte read (sha256 of the whole file once it is drained)."""
+    """Reads ``raw`` (``size`` bytes long) exactly, hashing every byte read (the file's sha256 once drained)."""
 
-    def __init__(self, raw):
-        self.raw, self.sha = raw, hashlib.sha256()
+    def __init__(self, raw, size: int):
+        self.raw, self.size, self.sha = raw, size, hashlib.sha256()
 
     def into(self, buf: memoryview) -> None:
         """Fill ``buf`` (a writable byte view) from the stream; ValueError if the file ends first."""
@@ -103,10 +104,11 @@ class _Hashing:
         return left
 
 
-def _entries(header: dict) -> list[tuple[str, str, list[int], int, int]]:
+def _entries(header: dict, end: int) -> list[tuple[str, str, list[int], int, int]]:
     """The header's tensors as (key, dtype, shape, start, end) by start, checked against the format: a known
-    dtype, a shape whose size matches its byte range, ranges that tile the data from 0 without gaps or overlaps
-    (as the safetensors library requires)."""
+    dtype, a shape whose size matches its byte range, ranges inside the ``end`` bytes of data that tile it from 0
+    without gaps or overlaps (as the safetensors library requires): nothing is allocated for a range the file
+    does not hold."""
     import torch
     out = []
     for key, v in header.items():
@@ -121,7 +123,7 @@ def _entries(header: dict) -> list[tuple[str, str, list[int], int, int]]:
             if d < 0:
                 raise ValueError(f"tensor {key!r}: negative dimension in {shape}")
             count *= d
-        if not 0 <= a <= b or b - a != count * getattr(torch, _DTYPES[v["dtype"]]).itemsize:
+        if not 0 <= a <= b <= end or b - a != count * getattr(torch, _DTYPES[v["dtype"]]).itemsize:
             raise ValueError(f"tensor {key!r}: byte range {a}..{b} does not hold shape {shape} of {v['dtype']}")
         out.append((key, v["dtype"], shape, a, b))
     out.sort(key=lambda e: (e[3], e[4]))
@@ -146,8 +148,8 @@ def _load(src: _Hashing, name: str, where: str):
     from ..codec import registry
     try:
         (n,) = struct.unpack("<Q", src.read(8))
-        if n > MAX_HEADER:
-            raise ValueError(f"a header of {n} bytes (more than {MAX_HEADER})")
+        if n > MAX_HEADER or n > src.size - 8:
+            raise ValueError(f"a header of {n} bytes (more than {min(MAX_HEADER, src.size - 8)})")
         header = json.loads(src.read(n))
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
@@ -162,7 +164,7 @@ def _load(src: _Hashing, name: str, where: str):
     if md.get("codec") != name:
         raise IntegrityError(f"{where}: holds weights of codec {md.get('codec')!r}, the archive needs {name!r}")
     try:
-        entries = _entries(header)
+        entries = _entries(header, src.size - 8 - n)
         codec = registry.spec(name).factory()
         codec.prepare_weights([e[0] for e in entries], where)
         targets = codec.state_dict()  # (detached tensors sharing the model's storage)
@@ -184,6 +186,10 @@ def _load(src: _Hashing, name: str, where: str):
         raise IntegrityError(f"{where}: unreadable weights ({type(e).__name__}: "
                              f"{' '.join(str(e).split())[:200]})") from None
     return codec
+
+
+def _size(raw) -> int:
+    return raw.getbuffer().nbytes if isinstance(raw, io.BytesIO) else os.fstat(raw.fileno()).st_size
 
 
 def _stream(url: str):
@@ -221,7 +227,7 @@ def load_checked(dest: str, ref: WeightsRef, name: str, expect_hash: str, device
         raise CodecUnavailableError(f"{url}: the archive's codec weights are missing; {_fix(dest)} that made "
                                     f"the archive") from None
     with raw:
-        src = _Hashing(raw)
+        src = _Hashing(raw, _size(raw))
         damaged = IntegrityError(f"{url}: the archive's codec weights fail their sha256 check (damaged); {_fix(dest)}")
         try:
             codec = _load(src, name, url)
