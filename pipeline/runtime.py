@@ -41,13 +41,19 @@ def lean_process() -> None:
     import pyarrow as pa
     if pa.default_memory_pool().backend_name != "system" and not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
         pa.set_memory_pool(pa.system_memory_pool())
+    global _lean
+    _lean = True
     _mmap_threshold(128 << 10)
 
 
 def heap_for_decoding() -> None:
-    """After ``lean_process``: blocks up to 32 MiB come from the reused heap again (a decoder's activations: each
-    a fresh mapping would slow decoding by 15-25 %, measured)."""
-    _mmap_threshold(32 << 20)
+    """After ``lean_process`` (elsewhere nothing happens): blocks up to 32 MiB come from the reused heap again (a
+    decoder's activations: each a fresh mapping would slow decoding by 15-25 %, measured)."""
+    if _lean:
+        _mmap_threshold(32 << 20)
+
+
+_lean = False  # lean_process was called
 
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
