@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")  # workers -> metrics agent (default 10 s)
+# decompressed codec weights are cached per session, not in the user's ~/.cache (codec.packing)
+if "AUDIOARC_WEIGHTS_CACHE" not in os.environ:
+    _WEIGHTS_CACHE = os.environ["AUDIOARC_WEIGHTS_CACHE"] = tempfile.mkdtemp(prefix="audioarc-weights-cache-")
 
 pytest_plugins = ["tests.s3_fixtures"]
 
@@ -72,6 +77,11 @@ def cli_noray(capsys):
 # with ``@pytest.mark.machine_dependent``.
 def pytest_configure(config):
     config.addinivalue_line("markers", "machine_dependent: may skip in CI (e.g. needs a GPU or a umask)")
+
+
+def pytest_unconfigure(config):
+    if "_WEIGHTS_CACHE" in globals():
+        shutil.rmtree(_WEIGHTS_CACHE, ignore_errors=True)
 
 
 @pytest.hookimpl(hookwrapper=True)

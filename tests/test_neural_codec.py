@@ -342,6 +342,42 @@ def test_packed_weights_files_load_as_the_originals(tmp_path):
         registry.read_weights(tmp_path / "other.pt")
 
 
+
+def test_decompressed_weights_are_cached_checked_and_optional(tmp_path, monkeypatch):
+    """Loading a packed file leaves its decompressed planes in the cache (named by the blob's sha256); a second
+    load reads them and gives the same tensors; a damaged or truncated entry is ignored and written again; a
+    cache that cannot be written, or one switched off, changes nothing but speed."""
+    from pipeline.codec import packing
+    base = random_codec(seed=5)
+    torch.save({"model": base.state_dict()}, tmp_path / "w.pt")
+    packing.pack_file(tmp_path / "w.pt")
+    want = base.checkpoint_hash()
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("AUDIOARC_WEIGHTS_CACHE", str(cache))
+    registry._SHIPPED_HASHES.clear()
+    assert registry.load("neural_rvq", tmp_path / "w.pt").checkpoint_hash() == want
+    (entry,) = cache.glob("*.planes")
+    blob = torch.load(tmp_path / "w.pt", weights_only=True)["blob"].numpy().tobytes()
+    import hashlib
+    import lzma
+    assert entry.name == hashlib.sha256(blob).hexdigest() + ".planes"
+    assert entry.read_bytes()[32:] == lzma.decompress(blob)
+    # the entry is what is read: planes changed consistently (checksum rewritten) load as other tensors
+    raw = bytearray(entry.read_bytes()[32:])
+    raw[-1] ^= 0xFF
+    entry.write_bytes(hashlib.sha256(raw).digest() + bytes(raw))
+    assert registry.load("neural_rvq", tmp_path / "w.pt").checkpoint_hash() != want
+    for damage in (lambda b: b[:-1000], lambda b: b[:32] + bytes([b[32] ^ 1]) + b[33:], lambda b: b[:10]):
+        good = hashlib.sha256(lzma.decompress(blob)).digest() + lzma.decompress(blob)
+        entry.write_bytes(damage(good))
+        assert registry.load("neural_rvq", tmp_path / "w.pt").checkpoint_hash() == want
+        assert entry.read_bytes() == good  # written again
+    monkeypatch.setenv("AUDIOARC_WEIGHTS_CACHE", str(tmp_path / "w.pt" / "not-a-folder"))
+    assert registry.load("neural_rvq", tmp_path / "w.pt").checkpoint_hash() == want
+    monkeypatch.setenv("AUDIOARC_WEIGHTS_CACHE", "0")
+    assert packing.cache_dir() is None
+    assert registry.load("neural_rvq", tmp_path / "w.pt").checkpoint_hash() == want
+
 # -- training ----------------------------------------------------------------------------------------
 def test_training_step_reduces_loss():
     torch.manual_seed(0)
