@@ -27,6 +27,7 @@ EXIT_QUALITY = 4
 # stderr, because Ray's driver thread prints cluster warnings ("(raylet) WARNING: ...") to sys.stdout
 # at any moment, and they must not land inside `--json` output piped to another program.
 _result_stream = None
+_entrypoint = False  # main() runs as the process entrypoint (not called in-process by a test or a library user)
 
 
 def _say(*parts, **kw) -> None:
@@ -58,7 +59,7 @@ def cmd_encode(args) -> int:
         log = ray_log_path()
         print(f"audioarc: encoding {args.src} -> {args.dest}" + (f"; Ray's log lines go to {log}" if log else ""),
               file=sys.stderr, flush=True)
-    from .encode import EncodeConfig, run_encode
+    from .encode.config import EncodeConfig
     qcfg = _quality_config(args, args.quality_sample)
     cfg = EncodeConfig(quality=qcfg, src=args.src, dest=args.dest, bitrate_kbps=args.bitrate, codec=args.codec,
                        codec_weights=args.codec_weights, window_seconds=args.window_seconds, actors=args.actors,
@@ -70,6 +71,12 @@ def cmd_encode(args) -> int:
                        emit_metrics=not args.no_metrics, min_actors=args.min_actors,
                        max_actors=args.max_actors, precision=args.precision, rehash=args.rehash,
                        executor=args.executor).validate()
+    if _entrypoint and "pandas" not in sys.modules:
+        from .encode.executors import choose_executor
+        if choose_executor(cfg) == "local":  # no Ray in this process: pyarrow's look for pandas is ~0.3-0.5 s
+            from .runtime import keep_pandas_out
+            keep_pandas_out()
+    from .encode import run_encode
     bar = None
     on_progress = None
     if not args.json and sys.stderr.isatty() or args.progress:
@@ -599,8 +606,8 @@ def main(argv: list[str] | None = None, out=None) -> int:
     process entrypoint (``argv`` None) it stays so after the results are written, so Ray's shutdown cannot
     append to them; an in-process caller gets its sys.stdout back (and, sharing a running Ray driver whose
     thread may print at any moment, should pass its own ``out``)."""
-    global _result_stream
-    entrypoint = argv is None
+    global _result_stream, _entrypoint
+    entrypoint = _entrypoint = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in JOB_COMMANDS:
         return cmd_job(argv[0], argv[1:])

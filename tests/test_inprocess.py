@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -133,12 +134,15 @@ def _rows(fid: int, windows: int, samples: int):
     yield _row("info", fid, info="{}")
 
 
-def test_stream_is_bounded_in_memory_and_keeps_every_row():
-    """A 'file' of 400 windows passes through while at most the buffer and one batch are held at once."""
+@pytest.mark.parametrize("encoders", [1, 3])
+def test_stream_is_bounded_in_memory_and_keeps_every_row(encoders):
+    """A 'file' of 400 windows passes through while at most the buffer and a batch per codec thread are held at
+    once; with several codec threads every row still comes out once, and the batches were encoded in parallel."""
     from pipeline.encode import inprocess
     made = [0]
     lock = threading.Lock()
     held = {"now": 0, "max": 0}
+    busy = {"now": 0, "max": 0}
 
     def decode(item):
         for r in _rows(item["file_id"], item["windows"], 1000):
@@ -150,18 +154,28 @@ def test_stream_is_bounded_in_memory_and_keeps_every_row():
 
     def encode(batch):
         with lock:
+            busy["now"] += 1
+            busy["max"] = max(busy["max"], busy["now"])
+        time.sleep(0.002)
+        with lock:
             held["now"] -= len(batch["kind"])
+            busy["now"] -= 1
         return batch
 
     items = [{"file_id": 1, "windows": 400}, {"file_id": 2, "windows": 3}, {"file_id": 3, "windows": 0}]
     # 4000-byte windows: a buffer of 8 windows' bytes, batches of 4 windows
-    out = list(inprocess.stream(items, decode, encode, batch_samples=4000, decoders=2, queue_bytes=8 * 4000))
+    out = list(inprocess.stream(items, decode, encode, batch_samples=4000, decoders=2, encoders=encoders,
+                                queue_bytes=8 * 4000))
     kinds = [k for b in out for k in b["kind"]]
     fids = [int(f) for b in out for f, k in zip(b["file_id"], b["kind"]) if k == "info"]
     assert len(kinds) == made[0] == 400 + 3 + 3 and sorted(fids) == [1, 2, 3]
-    assert held["max"] <= 8 + 4 + 2 + 2  # queue + one batch + a row in each decoder's hand
+    assert held["max"] <= 8 + 4 * encoders + 2 + 2  # queue + a batch per codec thread + a row in each decoder's hand
     seqs = [int(s) for b in out for s, f, k in zip(b["seq"], b["file_id"], b["kind"]) if k == "win" and f == 1]
-    assert seqs == list(range(400))  # one file's windows in order
+    if encoders == 1:
+        assert seqs == list(range(400))  # one file's windows in order
+    else:
+        assert sorted(seqs) == list(range(400))  # each once, in the order they were done
+        assert busy["max"] > 1
 
 
 def test_stream_raises_what_a_decoder_raised():
@@ -177,7 +191,35 @@ def test_stream_raises_what_a_decoder_raised():
 
 
 def test_default_threads_use_every_core():
+    """(codec threads, torch threads each, decoder threads): one single-threaded codec thread per core up to 8."""
     from pipeline.encode import inprocess
-    assert inprocess.default_threads(2) == (2, 1)
-    assert inprocess.default_threads(16) == (16, 4)
-    assert inprocess.default_threads(1) == (1, 1)
+    assert inprocess.default_threads(2) == (2, 1, 1)
+    assert inprocess.default_threads(16) == (8, 2, 4)
+    assert inprocess.default_threads(1) == (1, 1, 1)
+    assert inprocess.default_threads(6) == (6, 1, 1)
+
+
+@pytest.mark.parametrize("where", ["decoder", "encoder"])
+def test_stream_stops_every_thread_when_one_fails(where):
+    """A failure in a decoder or a codec thread is raised in the caller, and no thread is left behind."""
+    from pipeline.encode import inprocess
+    before = {t.name for t in threading.enumerate()}
+
+    def decode(item):
+        yield from _rows(item["file_id"], 20, 1000)
+        if where == "decoder" and item["file_id"] == 3:
+            raise RuntimeError("disk on fire")
+
+    def encode(batch):
+        if where == "encoder" and 3 in set(int(f) for f in batch["file_id"]):
+            raise ValueError("codec on fire")
+        return batch
+
+    with pytest.raises((RuntimeError, ValueError), match="on fire"):
+        list(inprocess.stream([{"file_id": i} for i in range(50)], decode, encode, batch_samples=2000,
+                              decoders=2, encoders=3, queue_bytes=8 * 1000))
+    deadline = time.time() + 5
+    while time.time() < deadline and any(t.name.startswith("audioarc-") and t.name not in before
+                                         for t in threading.enumerate()):
+        time.sleep(0.05)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("audioarc-") and t.name not in before]

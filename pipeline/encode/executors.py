@@ -56,12 +56,14 @@ class _Runtime:
     need: a job whose inputs are all unchanged starts nothing. ``local``: in this process (``inprocess``);
     ``ray``: a Ray Data pipeline per chunk of inputs, codec actors, a progress actor."""
 
-    def __init__(self, cfg: EncodeConfig, job_id: str, dm, q, executor: str = "ray"):
+    def __init__(self, cfg: EncodeConfig, job_id: str, dm, q, executor: str = "ray", loaded=None):
         self.cfg, self.job_id, self.dm, self.q = cfg, job_id, dm, q
+        self.loaded = loaded  # the job's codec, loaded in the driver: the in-process executor encodes with it
         self.executor = executor
         self.ray = self.plan = self.progress = self.q_task = None
         self.codec_stage = None  # local: the one CodecActor, loaded once for the job
-        self.threads = self.decoders = None
+        self.threads = self.decoders = self.encoders = None
+        self.local_stats: dict = {}  # local: the codec threads' idle seconds
 
     def start(self):
         if self.executor == "local":
@@ -87,8 +89,10 @@ class _Runtime:
         if self.plan is None:
             import torch
             c = self.cfg
-            threads, self.decoders = inprocess.default_threads()
-            self.threads = c.threads_per_actor or threads
+            self.encoders, self.threads, self.decoders = inprocess.default_threads()
+            if c.threads_per_actor:  # torch threads per codec thread asked for: as many codec threads as fit
+                self.threads = c.threads_per_actor
+                self.encoders = max(1, inprocess.machine_cores() // self.threads)
             cuda = torch.cuda.is_available() and c.gpus_per_actor != 0
             self.plan = placement.plan_actors({"CPU": 1, "GPU": 1 if cuda else 0}, 1, None, None, None,
                                               c.windows_per_batch(), c.precision)
@@ -103,11 +107,13 @@ class _Runtime:
         if self.executor == "local":
             if self.codec_stage is None:
                 self.codec_stage = CodecActor(crec.name, weights, crec.checkpoint_hash, n_q, plan.device,
-                                              self.threads, progress=self.progress, precision=plan.precision)
+                                              self.threads, progress=self.progress, precision=plan.precision,
+                                              loaded=self.loaded)
             window = window_frames * geom.hop_length + sum(geom.encode_context)
             return inprocess.stream(
                 rows, lambda it: decode_file(it, geom, window_frames), self.codec_stage,
-                batch_samples=plan.batch_windows * window, decoders=self.decoders)
+                batch_samples=plan.batch_windows * window, decoders=self.decoders, encoders=self.encoders,
+                stats=self.local_stats)
         ray = self.ray
         window_bytes = 4 * (window_frames * geom.hop_length + sum(geom.encode_context)) * max(1, geom.channels)
         _bound_memory(ray, window_bytes, plan.batch_windows, plan.max_actors)
@@ -133,6 +139,9 @@ class _Runtime:
 
     def gather(self, futures: list) -> list:
         if self.executor == "local":
+            if futures and self.threads is not None:  # the codec threads are through: every core for one evaluation
+                import torch
+                torch.set_num_threads(inprocess.machine_cores())
             return [f() for f in futures]
         return self.ray.get(futures)
 
@@ -142,14 +151,17 @@ class _Runtime:
             return None
         extra = {"executor": self.executor}
         if self.executor == "local":
-            extra.update(threads=self.threads, decoders=self.decoders)
+            extra.update(codec_threads=self.encoders, threads=self.threads, decoders=self.decoders)
         return dict(self.plan.to_json(), nodes=self.ask("by_node", {}), **extra)
 
     def ask(self, method: str, default):
         """A progress figure from the progress actor; ``default`` if it is gone (progress is only shown, never
         what the job commits: a lost node must not fail the job)."""
         if self.executor == "local":
-            return getattr(self.progress, method)() if self.progress is not None else default
+            if self.progress is None:
+                return default
+            got = getattr(self.progress, method)()
+            return dict(got, **self.local_stats) if method == "stages" else got
         if self.ray is None:
             return default
         try:

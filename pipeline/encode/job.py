@@ -93,7 +93,7 @@ def _run_encode(cfg: EncodeConfig, on_progress, job_id: str, dm: "telemetry.Driv
     try:
         archive.collect_garbage(cfg.dest)  # what killed jobs left (never what a live job holds)
         return _encode_waves(cfg, job_id, dm, on_progress, t0, inputs, record, crec, n_q, geom, window_frames,
-                             actor_weights, lease)
+                             actor_weights, lease, loaded=codec)
     finally:
         try:
             archive.collect_garbage(cfg.dest, own_job=job_id)  # this job's uncommitted shards, if it failed
@@ -121,7 +121,7 @@ def _plan_wave(cfg: EncodeConfig, current: "archive.Archive", wave: list
 
 
 def _encode_waves(cfg, job_id, dm, on_progress, t0, inputs, record, crec, n_q, geom, window_frames, actor_weights,
-                  lease) -> EncodeSummary:
+                  lease, loaded=None) -> EncodeSummary:
     """One streaming pipeline per chunk of inputs (decode tasks -> codec actors -> the driver, which writes the
     shards and commits a generation every ``commit_every`` completed files: a generation boundary costs a shard
     close and one catalog append, not a new actor pool)."""
@@ -131,7 +131,7 @@ def _encode_waves(cfg, job_id, dm, on_progress, t0, inputs, record, crec, n_q, g
     job_tags = {"job_id": job_id, "codec": crec.name, "bitrate": f"{cfg.bitrate_kbps:g}"} \
         if cfg.emit_metrics and telemetry.enabled() and executor == "ray" else None  # (Ray's metrics: Ray only)
     q = cfg.quality if cfg.quality is not None and cfg.quality.fraction > 0 else None
-    rt = _Runtime(cfg, job_id, dm, q, executor)
+    rt = _Runtime(cfg, job_id, dm, q, executor, loaded=loaded if executor == "local" else None)
     sampler = StreamingSampler(q.fraction, q.seed, q.min_files) if q else None
     q_futures: list = []
     totals = _Totals()
@@ -265,14 +265,14 @@ DRIVER_STAGES = ("listing_and_planning", "waiting_for_codes", "shard_write", "co
 
 def stage_seconds(executor: str, decoded: dict, codec: dict, driver: dict, wall: float) -> dict[str, float]:
     """Where a job's time went: decode-side stages summed over files, codec stages summed over actors, the driver's
-    own stages, and ``idle``: in-process, the time the codec thread waited for decoded windows (its wait minus its
-    forward passes and packing); under Ray, the driver's wait for codes. Stages run at once in different threads or
+    own stages, and ``idle``: in-process, the time the codec threads waited for decoded windows (summed over
+    them); under Ray, the driver's wait for codes. Stages run at once in different threads or
     processes, so they do not add up to ``wall``."""
     out = {k: decoded.get(k, 0.0) for k in DECODE_STAGES}
     out.update({k: codec.get(k, 0.0) for k in CODEC_STAGES})
     out.update({k: driver.get(k, 0.0) for k in DRIVER_STAGES})
     wait = out.pop("waiting_for_codes")
-    out["idle"] = max(0.0, wait - out["codec_forward"] - out["packing"]) if executor == "local" else wait
+    out["idle"] = codec.get("idle", 0.0) if executor == "local" else wait
     out["wall"] = wall
     return {k: round(v, 3) for k, v in out.items()}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable, Iterator
@@ -162,10 +163,12 @@ def decode_file(item: dict, geom: CodecInfo, window_frames: int, block_frames: i
 
 
 class CodecActor:
-    """Loads the codec once; encodes batches of windows. Info rows pass through."""
+    """Loads the codec once; encodes batches of windows. Info rows pass through. ``loaded``: the job's codec
+    already loaded in this process (the in-process executor), used instead of loading ``weights`` again when it
+    hashes to ``checkpoint_hash``."""
 
     def __init__(self, codec: str, weights: str | None, checkpoint_hash: str, n_q: int, device: str,
-                 threads: int, progress=None, job_tags: dict | None = None, precision: str = "fp32"):
+                 threads: int, progress=None, job_tags: dict | None = None, precision: str = "fp32", loaded=None):
         import torch
 
         from ..placement import resolve_device
@@ -180,7 +183,10 @@ class CodecActor:
         if ray is not None and ray.is_initialized():  # outside Ray asking for the context would start a local Ray
             rc = ray.get_runtime_context()
             self.node_id, self.actor_id = rc.get_node_id(), rc.get_actor_id()
-        self.codec = archive.weights.load_path(codec, weights, checkpoint_hash, device)
+        if loaded is not None and loaded.checkpoint_hash() == checkpoint_hash:
+            self.codec = loaded.to(device)
+        else:
+            self.codec = archive.weights.load_path(codec, weights, checkpoint_hash, device)
         self.n_q, self.device = n_q, device
         self.bits = archive.bits_for(self.codec.codebook_size)
         self.ctx = sum(self.codec.encode_context)
@@ -258,9 +264,14 @@ class Progress:
         self.beats: dict[str, float] = {}  # codec actor -> last report (unix time)
         self.nodes: dict[str, dict] = {}  # node id -> {"actors": set, "windows": n, "seconds": s}
         self.stage_s = {"codec_forward": 0.0, "packing": 0.0}  # summed over the codec actors
+        self.lock = threading.Lock()  # in-process, codec threads report at once
 
     def add(self, files: int = 0, seconds: float = 0.0, node: str | None = None, actor: str | None = None,
             windows: int = 0, forward_s: float = 0.0, pack_s: float = 0.0) -> None:
+        with self.lock:
+            self._add(files, seconds, node, actor, windows, forward_s, pack_s)
+
+    def _add(self, files, seconds, node, actor, windows, forward_s, pack_s) -> None:
         self.files += files
         self.seconds += seconds
         self.stage_s["codec_forward"] += forward_s
