@@ -223,3 +223,25 @@ def test_stream_stops_every_thread_when_one_fails(where):
                                          for t in threading.enumerate()):
         time.sleep(0.05)
     assert not [t.name for t in threading.enumerate() if t.name.startswith("audioarc-") and t.name not in before]
+
+
+def test_heap_trimmer_hands_memory_back_at_most_once_per_interval():
+    from pipeline.encode.stages import HeapTrimmer
+    t = HeapTrimmer(every_s=0.2)
+    if t._trim is None:
+        pytest.skip("no glibc malloc_trim here")
+    real, calls = t._trim, []
+    t._trim = lambda pad: calls.append(pad) or real(pad)
+    threads = [threading.Thread(target=lambda: [t.maybe() for _ in range(200)]) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert calls == []  # the interval has not passed since it was made
+    time.sleep(0.25)
+    threads = [threading.Thread(target=lambda: [t.maybe() for _ in range(200)]) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert calls == [0]  # one trim for 800 calls from four threads

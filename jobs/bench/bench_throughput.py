@@ -16,8 +16,10 @@
 * Small files: ``--clips`` clips of each ``--clip-seconds`` at 1.5 kbps: files/s of the pipeline and of the loop,
   and the pipeline's wall per file.
 * Memory: one input of each ``--memory-minutes`` (24 kHz mono FLAC), encoded alone; the peak private memory (USS:
-  Private_Clean + Private_Dirty of /proc/PID/smaps_rollup, sampled every 0.25 s) of every process of the job
-  (the CLI and, under Ray, its raylet and workers), the largest per process kind.
+  Private_Clean + Private_Dirty of /proc/PID/smaps, sampled every 0.25 s) of every process of the job (the CLI
+  and, under Ray, its raylet and workers), the largest per process kind; pages of Ray's object store (a
+  /dev/shm file, private to the worker that wrote them when no other process mapped them) apart, as
+  ``object_store_pages``: the store's memory, bounded by its budget, not a process's.
 """
 from __future__ import annotations
 
@@ -91,12 +93,28 @@ def plain_loop_process(files: list[Path], bitrate: float, threads: int) -> tuple
     return float(out.stdout.strip().splitlines()[-1]), wall
 
 
-def _uss_kib(pid: int) -> int:
+def _uss_kib(pid: int) -> tuple[int, int]:
+    """(private KiB of ``pid`` outside Ray's object store, private KiB of its object store mapping): the store's
+    shared-memory file (``/dev/shm/plasma*``) counts as private to the one worker that wrote a page no other
+    process mapped, though it is the store's memory, bounded by its own budget, not the process's."""
+    own = store = 0
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            return sum(int(ln.split()[1]) for ln in f if ln.startswith(("Private_Clean:", "Private_Dirty:")))
+        with open(f"/proc/{pid}/smaps") as f:
+            in_store = False
+            for ln in f:
+                if ln[:1] in "0123456789abcdef" and "-" in ln.split(" ", 1)[0]:
+                    parts = ln.split()
+                    name = parts[5] if len(parts) > 5 else ""
+                    in_store = name.startswith("/dev/shm/") or "plasma" in name
+                elif ln.startswith(("Private_Clean:", "Private_Dirty:")):
+                    kib = int(ln.split()[1])
+                    if in_store:
+                        store += kib
+                    else:
+                        own += kib
     except OSError:
-        return 0
+        pass
+    return own, store
 
 
 def _tree(root: int) -> dict[int, str]:
@@ -122,25 +140,33 @@ def _tree(root: int) -> dict[int, str]:
 
 
 class UssMonitor:
-    """Peak USS per process kind (command name) of a process tree, sampled in a thread."""
+    """Peak USS per process kind (command name) of a process tree, sampled in a thread; the object store's pages
+    (see ``_uss_kib``) apart, as the peak of their sum over the tree."""
 
     def __init__(self, pid: int, every: float = 0.25):
-        self.pid, self.every, self.peak = pid, every, {}
+        self.pid, self.every, self.peak, self.store = pid, every, {}, 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self):
         while not self.stop.is_set():
+            store = 0
             for p, n in _tree(self.pid).items():
                 kind = "driver" if p == self.pid else n
-                self.peak[kind] = max(self.peak.get(kind, 0), _uss_kib(p))
+                own, st = _uss_kib(p)
+                self.peak[kind] = max(self.peak.get(kind, 0), own)
+                store += st
+            self.store = max(self.store, store)
             self.stop.wait(self.every)
 
     def finish(self) -> dict[str, float]:
         self.stop.set()
         self.thread.join()
-        return {k: round(v / 1024, 1) for k, v in sorted(self.peak.items(), key=lambda kv: -kv[1]) if v > 20 * 1024}
+        out = {k: round(v / 1024, 1) for k, v in sorted(self.peak.items(), key=lambda kv: -kv[1]) if v > 20 * 1024}
+        if self.store:
+            out["object_store_pages"] = round(self.store / 1024, 1)
+        return out
 
 
 def pipeline_run(src: Path, dest: Path, *extra: str, uss: bool = False) -> tuple[dict, float, dict | None]:

@@ -62,23 +62,6 @@ def to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
     return out
 
 
-def _trimmer() -> Callable[[], None]:
-    """A call that hands freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere). Windows of a
-    long file are allocated in the decoder threads and freed in the codec's: without it glibc keeps their pages in
-    per-thread arenas and the process grows with file length (measured: 475 -> 624 MiB USS from a 3-minute to a
-    3-hour input; fixing glibc's mmap threshold instead halved the codec's speed)."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    return lambda: trim(0)
-
-
-TRIM_EVERY_S = 2.0
-
-
 class _Buffer:
     """A FIFO of rows between the decoder threads and the codec, bounded by the bytes of their payloads (one row
     always fits, however large): what is held in memory does not grow with file length."""
@@ -134,7 +117,6 @@ def stream(items: Iterable[dict], decode: Callable[[dict], Iterator[dict]],
     done: queue.Queue = queue.Queue()  # encoded batches, then one _END per codec thread
     errors: list[BaseException] = []
     ended = [0]  # decoders through
-    trim, trimmed = _trimmer(), [time.monotonic()]
 
     def decoder():
         try:
@@ -178,10 +160,6 @@ def stream(items: Iterable[dict], decode: Callable[[dict], Iterator[dict]],
                 if samples >= batch_samples or len(pending) >= max_rows or (buf.empty() and _only_info(pending)):
                     done.put(encode(to_batch(pending)))
                     pending, samples = [], 0
-                    with lock:
-                        if time.monotonic() - trimmed[0] > TRIM_EVERY_S:
-                            trimmed[0] = time.monotonic()
-                            trim()
             if pending and not stop.is_set():
                 done.put(encode(to_batch(pending)))
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread

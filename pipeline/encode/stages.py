@@ -83,6 +83,35 @@ def timed_iter(it: Iterable, spent: dict[str, float], key: str) -> Iterator:
         yield item
 
 
+class HeapTrimmer:
+    """Hands freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere), at most every
+    ``every_s`` seconds whatever the number of callers. Windows are allocated, serialized and freed by the
+    thousand: without it glibc keeps their pages in its arenas and a process grows with file length (measured on
+    the in-process executor: 475 -> 624 MiB USS from a 3-minute to a 3-hour input; lowering glibc's mmap threshold
+    instead halved the codec's speed)."""
+
+    def __init__(self, every_s: float = 2.0):
+        self.every_s, self.last = every_s, time.monotonic()
+        self.lock = threading.Lock()
+        try:
+            import ctypes
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            self._trim = None
+
+    def maybe(self) -> None:
+        if self._trim is None or time.monotonic() - self.last < self.every_s:
+            return
+        with self.lock:
+            if time.monotonic() - self.last < self.every_s:
+                return
+            self.last = time.monotonic()
+        self._trim(0)
+
+
+_TRIM = HeapTrimmer()  # one per process: decode tasks and codec actors of a Ray worker, the in-process threads
+
+
 def decode_file(item: dict, geom: CodecInfo, window_frames: int, block_frames: int = 1 << 16,
                 job_tags: dict | None = None) -> Iterator[dict]:
     """One input -> its windows at the codec rate (bounded memory), then one info row.
@@ -139,6 +168,7 @@ def decode_file(item: dict, geom: CodecInfo, window_frames: int, block_frames: i
 
             for block in timed_iter(audio.read_blocks(f, uri, block_frames), st, "decode"):
                 frames += block.shape[1]
+                _TRIM.maybe()
                 yield from rows(timed("windowing", window, timed("resample", res.process, block)))
             if frames == 0:
                 raise InputError(f"{uri}: zero-length audio (the file has a header but no samples)", code="zero_length")
@@ -246,6 +276,7 @@ class CodecActor:
                 self.em.observe("audioarc_encode_batch_windows", n_win)
             if self.device != "cpu":
                 self.em.gpu(torch)
+        _TRIM.maybe()
         out = dict(batch)
         out["payload"] = np.array(payload, dtype=object)
         out["gains"] = np.array(gains_out, dtype=object)
