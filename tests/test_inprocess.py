@@ -245,3 +245,30 @@ def test_heap_trimmer_hands_memory_back_at_most_once_per_interval():
     for th in threads:
         th.join()
     assert calls == [0]  # one trim for 800 calls from four threads
+
+
+DECODE_ONLY = """
+import sys
+from pipeline.codec.identity import CodecInfo
+from pipeline.encode.stages import INFO, WINDOW, FileInfo, decode_file
+geom = CodecInfo(name="probe", version="1", checkpoint_hash=None, sample_rate=24000, hop_length=320,
+                 codebook_size=1024, n_q=8, kbps_per_stage=0.75, ladder_n_q=(8,), encode_context=(160, 160),
+                 decode_context=(2, 2))
+rows = list(decode_file({"source": sys.argv[1], "file_id": 1, "size": 1, "prev_hash": "", "version": ""}, geom, 75))
+info = FileInfo.from_json(rows[-1]["info"])
+print(sum(r["kind"] == WINDOW for r in rows), rows[-1]["kind"] == INFO, info.status, info.codec_samples,
+      "torch" in sys.modules)
+"""
+
+
+def test_decode_stage_cuts_windows_without_importing_torch(tmp_path):
+    """A Ray decode worker runs ``decode_file`` alone: it must not pay torch's import (seconds of CPU and a few
+    hundred MiB per worker) for a stage that only reads, resamples and cuts windows."""
+    af.write(tmp_path / "a.flac", 2.5, 44100, channels=2, kind="chirp")
+    r = subprocess.run([sys.executable, "-c", DECODE_ONLY, str(tmp_path / "a.flac")], capture_output=True, text=True,
+                       timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr[-2000:]
+    windows, last_is_info, status, samples, torch_loaded = r.stdout.split()
+    assert int(windows) == 3 and last_is_info == "True"  # 2.5 s at 75 frames/s: windows of 1 s
+    assert status == "archived" and int(samples) == 60000  # 2.5 s at the codec's 24 kHz
+    assert torch_loaded == "False"

@@ -1,18 +1,18 @@
 """The pipeline against a plain script, side by side in one run, its fixed costs, and its memory by file length.
 
-    python -m jobs.bench.bench_throughput [--minutes 10 120] [--executors local ray] [--clips 10000]
-        [--clip-seconds 0.5 5] [--gens-files 200] [--memory-minutes 3 180 1440] [--skip long one gens clips memory]
+    python -m jobs.bench.bench_throughput [--minutes 10 120] [--real] [--executors local ray] [--clips 10000]
+        [--clip-seconds 0.5 5] [--gens-files 1000] [--commit-every 50] [--memory-minutes 3 180 1440] [--skip long one gens clips memory]
 
 * A plain loop (soundfile decode -> soxr resample -> windows -> ``codec.encode`` with torch on every core),
   timed twice: on its own clock with the codec already loaded (``loop_x``), and as a script in a fresh process,
   start-up included (``loop_process_x``, as a user times ``python loop.py``); and ``audioarc encode --quality-sample 0`` (a fresh process: start-up,
   codec load, listing, commits included) with each ``--executors`` (``local``: in-process, the default on one
   machine; ``ray``: the Ray Data pipeline), on the same synthetic music-like FLAC files (``--minutes`` of audio in
-  1-3 minute files, 44.1 kHz mono): x realtime each, the ratio pipeline / loop against both loop figures, and
+  1-3 minute files, 44.1 kHz mono; with ``--real``, Debian game-music OGG, 44.1/48 kHz stereo): x realtime each, the ratio pipeline / loop against both loop figures, and
   the pipeline's per-stage seconds.
 * A one-file job end to end (CLI in a fresh process).
-* The cost of a generation boundary: the same files with ``--commit-every`` 10 and 5000 (per boundary: the wall
-  difference over the number of extra generations).
+* The cost of a generation boundary: the same ``--gens-files`` files with ``--commit-every`` 50 (or as given) and
+  5000: files/s of each, and per boundary the wall difference over the number of extra generations.
 * Small files: ``--clips`` clips of each ``--clip-seconds`` at 1.5 kbps: files/s of the pipeline and of the loop,
   and the pipeline's wall per file.
 * Memory: one input of each ``--memory-minutes`` (24 kHz mono FLAC), encoded alone; the peak private memory (USS:
@@ -196,14 +196,39 @@ def _corpus(src: Path, minutes: float) -> list[Path]:
     return sorted(src.glob("*.flac"))[:i]
 
 
+def _real_corpus(src: Path, minutes: float) -> list[Path]:
+    """Real music from Debian's game-music packages (44.1/48 kHz stereo OGG, fetched once into the corpus cache),
+    linked under ``src`` in a fixed order until ``minutes`` of audio: the issue's kind of library."""
+    from pipeline import corpus
+    cache = corpus.fetch([p for p, kind in corpus.PACKAGES.items() if kind == "music"])
+    src.mkdir(parents=True, exist_ok=True)
+    left, out = minutes * 60, []
+    for i, f in enumerate(corpus.audio_files(cache)):
+        if left <= 0:
+            break
+        if corpus.kind_of(f) != "music":
+            continue
+        link = src / f"r{i:03d}{f.suffix.lower()}"
+        if not link.exists():
+            link.symlink_to(f)
+        out.append(link)
+        left -= sf.info(str(f)).duration
+    if left > 0:
+        raise SystemExit(f"only {minutes - left / 60:.0f} minutes of real music in {cache}; ask for fewer --minutes")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, nargs="+", default=[10.0])
     ap.add_argument("--executors", nargs="+", default=["local", "ray"], choices=["local", "ray"])
     ap.add_argument("--clips", type=int, default=2000)
     ap.add_argument("--clip-seconds", type=float, nargs="+", default=[0.5])
-    ap.add_argument("--gens-files", type=int, default=200)
+    ap.add_argument("--gens-files", type=int, default=1000)
+    ap.add_argument("--commit-every", type=int, default=50, help="the small --commit-every set against 5000")
     ap.add_argument("--memory-minutes", type=float, nargs="+", default=[3.0, 180.0])
+    ap.add_argument("--real", action="store_true",
+                    help="time the long runs on real music (Debian game-music OGG) instead of synthetic FLAC")
     ap.add_argument("--work", default=None)
     ap.add_argument("--skip", nargs="*", default=[], choices=["long", "one", "gens", "clips", "memory"])
     args = ap.parse_args(argv)
@@ -217,19 +242,20 @@ def main(argv=None) -> int:
 
     if "long" not in args.skip:
         for minutes in args.minutes:
-            files = _corpus(work / f"music-{minutes:g}", minutes)
+            src = work / (f"real-{minutes:g}" if args.real else f"music-{minutes:g}")
+            files = (_real_corpus if args.real else _corpus)(src, minutes)
             a, w = plain_loop(files, 6.0, threads)
             _, wp = plain_loop_process(files, 6.0, threads)
             row = {"audio_minutes": round(a / 60, 1), "loop_x": round(a / w, 1), "loop_wall_s": round(w, 1),
                    "loop_process_x": round(a / wp, 1), "loop_process_wall_s": round(wp, 1)}
             for ex in args.executors:
-                s, wall, _ = pipeline_run(work / f"music-{minutes:g}", work / "arc-music", "--executor", ex)
+                s, wall, _ = pipeline_run(src, work / "arc-music", "--executor", ex)
                 row[f"{ex}_x"] = round(s["audio_seconds"] / wall, 1)
                 row[f"{ex}_wall_s"] = round(wall, 1)
                 row[f"{ex}_ratio"] = round((s["audio_seconds"] / wall) / (a / w), 2)  # vs the loop's own clock
                 row[f"{ex}_ratio_process"] = round(wp / wall, 2)  # vs the loop as a process, start-up included
                 row[f"{ex}_stages"] = s.get("stage_seconds")
-            say(f"long_{minutes:g}min", row)
+            say(f"long_{minutes:g}min" + ("_real" if args.real else ""), row)
     if "one" not in args.skip:
         one = work / "one"
         _synth(one / "x.flac", 30, 44100, 0)
@@ -241,11 +267,15 @@ def main(argv=None) -> int:
             p = g / f"g{k:04d}.wav"
             if not p.exists():
                 _synth(p, 2.0, 16000, k)
-        _, w_small, _ = pipeline_run(g, work / "arc-gens", "--commit-every", "10")
+        small = args.commit_every
+        _, w_small, _ = pipeline_run(g, work / "arc-gens", "--commit-every", str(small))
         _, w_big, _ = pipeline_run(g, work / "arc-gens", "--commit-every", "5000")
-        extra = -(-args.gens_files // 10) - 1
-        say("generations", {"files": args.gens_files, "commit_every_10_wall_s": round(w_small, 2),
+        extra = -(-args.gens_files // small) - 1
+        say("generations", {"files": args.gens_files, f"commit_every_{small}_wall_s": round(w_small, 2),
+                            f"commit_every_{small}_files_s": round(args.gens_files / w_small, 1),
                             "commit_every_5000_wall_s": round(w_big, 2),
+                            "commit_every_5000_files_s": round(args.gens_files / w_big, 1),
+                            "generations": extra + 1,
                             "per_boundary_s": round((w_small - w_big) / max(1, extra), 3)})
     if "clips" not in args.skip:
         for secs in args.clip_seconds:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import torch
 
-from .base import Codec
 from .identity import CodecInfo
+
+if TYPE_CHECKING:  # torch is imported where a model runs: cutting windows (a decode worker) never loads it
+    from .base import Codec
 
 #: the most audio one decoder pass of ``Joiner`` makes (its working memory: ~1 MiB a second for neural_rvq)
 DECODE_BLOCK_SECONDS = 10.0
@@ -123,6 +124,7 @@ class Joiner:
                       if block_seconds and self.seg == 1 else None)
 
     def _decode(self, codes: np.ndarray, gains: np.ndarray | None, n_out_frames: int) -> np.ndarray:
+        import torch
         with torch.inference_mode():
             c = torch.from_numpy(codes.astype(np.int64)).to(self.device)
             if self.codec.side_gains:
