@@ -208,6 +208,7 @@ def encode_array(codec: Codec, x: np.ndarray, n_q: int, window_frames: int = 150
     """Whole-signal helper: ``x: [C, T]`` at the codec rate -> ``codes: [S, n_q, n_frames(T)] int64``
     (``S = C / codec.channels`` streams); with ``with_gains``: ``(codes, gains [S, segments] or None)``.
     ``device``: where ``codec`` lives (windows go there, codes come back to the host)."""
+    import torch
     cc = codec.channels
     if x.shape[0] % cc:
         raise ValueError(f"codec {codec.name!r} codes {cc}-channel streams; got {x.shape[0]} channels")
