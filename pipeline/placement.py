@@ -10,10 +10,12 @@ Pure functions (no Ray, no CUDA needed) so the GPU decisions are unit-tested on 
 * ``to_device``: pinned host memory + non-blocking copy on CUDA, zero-copy ``from_numpy`` on CPU.
 * ``autocast``: optional bf16/fp16 autocast on CUDA only; on CPU it is always off (fp32), whatever is asked.
 * ``strict_fp32``: fp32 on CUDA means fp32 (no TF32), so GPU and CPU encodes of one input agree.
+* ``cuda_available``: whether torch sees a GPU, answered without importing torch on a machine with none.
 """
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 from dataclasses import asdict, dataclass
 
@@ -97,6 +99,20 @@ def plan_actors(resources: dict, actors: int | None = None, gpus_per_actor: floa
                      cpus_per_actor=CPU_PER_GPU_ACTOR if device == "cuda" else CPU_PER_CODEC_ACTOR,
                      min_actors=lo, max_actors=hi, batch_windows=bw,
                      precision=precision if device == "cuda" else "fp32")
+
+
+# device nodes without which no CUDA (NVIDIA, or ROCm's HIP, or WSL's GPU paravirtualisation) can be seen
+GPU_DEVICE_NODES = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/dxg")
+
+
+def cuda_available(nodes: tuple[str, ...] = GPU_DEVICE_NODES) -> bool:
+    """``torch.cuda.is_available()``, except that a machine with none of the GPU device ``nodes`` answers False
+    without importing torch (~1 s a process on this VM): choosing the executor, or a lean command, need not
+    load it."""
+    if not any(glob.glob(p) for p in nodes):
+        return False
+    import torch
+    return torch.cuda.is_available()
 
 
 def resolve_device(requested: str, cuda_available: bool | None = None) -> str:

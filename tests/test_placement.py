@@ -172,3 +172,28 @@ def test_job_entrypoint_and_shipping(monkeypatch):
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
     monkeypatch.setenv("AUDIOARC_SHIP_CODE", "0")
     assert cluster.driver_kwargs("127.0.0.1:6379") == {} and "working_dir" not in cluster.runtime_env()
+
+
+CUDA_PROBE = """
+import sys
+from pipeline import placement
+print(placement.cuda_available(tuple(sys.argv[1:])), "torch" in sys.modules)
+"""
+
+
+def test_cuda_available_needs_no_torch_on_a_machine_without_gpu_device_nodes(tmp_path):
+    """No GPU device node: False, and torch (~1 s to import) is not loaded to say so; a device node present:
+    torch is asked (on this CPU-only build it answers False)."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    node = tmp_path / "nvidia0"
+    missing = subprocess.run([sys.executable, "-c", CUDA_PROBE, str(tmp_path / "nvidia[0-9]*"), str(tmp_path / "kfd")],
+                             capture_output=True, text=True, cwd=root, timeout=120)
+    assert missing.stdout.split() == ["False", "False"], missing.stderr[-2000:]
+    node.write_bytes(b"")
+    present = subprocess.run([sys.executable, "-c", CUDA_PROBE, str(tmp_path / "nvidia[0-9]*")],
+                             capture_output=True, text=True, cwd=root, timeout=120)
+    import torch
+    assert present.stdout.split() == [str(torch.cuda.is_available()), "True"], present.stderr[-2000:]

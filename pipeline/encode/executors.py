@@ -47,8 +47,7 @@ def choose_executor(cfg: EncodeConfig, cuda: bool | None = None) -> str:
     if any(v is not None for v in (cfg.actors, cfg.min_actors, cfg.max_actors)) or (cfg.gpus_per_actor or 0) > 0:
         return "ray"
     if cuda is None:
-        import torch
-        cuda = torch.cuda.is_available()
+        cuda = placement.cuda_available()
     return "ray" if cuda and cfg.gpus_per_actor != 0 else "local"
 
 
@@ -88,13 +87,12 @@ class _Runtime:
 
     def _start_local(self):
         if self.plan is None:
-            import torch
             c = self.cfg
             self.encoders, self.threads, self.decoders = inprocess.default_threads()
             if c.threads_per_actor:  # torch threads per codec thread asked for: as many codec threads as fit
                 self.threads = c.threads_per_actor
                 self.encoders = max(1, inprocess.machine_cores() // self.threads)
-            cuda = torch.cuda.is_available() and c.gpus_per_actor != 0
+            cuda = c.gpus_per_actor != 0 and placement.cuda_available()
             self.plan = placement.plan_actors({"CPU": 1, "GPU": 1 if cuda else 0}, 1, None, None, None,
                                               c.windows_per_batch(), c.precision)
             self.progress = Progress()
