@@ -186,6 +186,10 @@ def init_ray(address: str | None = None) -> None:
         kwargs["runtime_env"] = {"env_vars": env}
     if addr == "local":
         kwargs["_node_ip_address"] = "127.0.0.1"
+        # no task events: the GCS would keep one for every task and actor call of the job (up to 100,000 by
+        # default; measured: its private memory 45.9 -> 58.2 MiB over one 60-minute input in 1 s windows, flat
+        # at 45.4 without); the job runs no dashboard that would show them (see deploy/k8s for a cluster's GCS)
+        os.environ.setdefault("RAY_task_events_report_interval_ms", "0")
         if os.environ.get("AUDIOARC_RAY_METRICS_PORT"):  # fixed metrics export port (see dashboards/README.md)
             kwargs["_metrics_export_port"] = int(os.environ["AUDIOARC_RAY_METRICS_PORT"])
     from .cluster import driver_kwargs

@@ -302,3 +302,48 @@ def test_json_stdout_stays_clean_while_ray_prints_cluster_warnings(tmp_path, cli
         stop.set()
         t.join()
     assert "test cluster warning" in err  # not lost: the user still sees them
+
+
+def test_a_ray_codec_actor_reports_progress_in_few_actor_calls(tmp_path, ray_cluster):
+    """A Ray codec actor sums its batches' counts and reports them when a file completes or
+    ``PROGRESS_EVERY_S`` has passed: one actor task (which Ray records as a task event) per report, not one per
+    window, and the counts still add up; a progress object in the same process gets every batch."""
+    import time
+
+    from pipeline.codec import registry
+    from pipeline.encode import stages
+    from pipeline.encode.inprocess import to_batch
+
+    class CountingProgress(stages.Progress):
+        calls = 0
+
+        def add(self, **kw):
+            self.calls += 1
+            super().add(**kw)
+
+        def n_calls(self):
+            return self.calls
+
+    src = af.write(tmp_path / "long.wav", 40.0, 24000, kind="chirp")
+    info = registry.load("neural_rvq").info()
+    rows = list(stages.decode_file({"source": str(src), "file_id": 7, "size": src.stat().st_size, "prev_hash": "",
+                                    "version": ""}, info, 75))  # 1 s windows
+    windows = sum(r["kind"] == stages.WINDOW for r in rows)
+    assert windows >= 40 and rows[-1]["kind"] == stages.INFO
+    remote = ray_cluster.remote(num_cpus=0)(CountingProgress).remote()
+    local = CountingProgress()
+    for progress in (remote, local):
+        actor = stages.CodecActor("neural_rvq", None, info.checkpoint_hash, 8, "cpu", 1, progress=progress)
+        t0 = time.monotonic()
+        for r in rows:  # one row a batch: the window batches of a long file, then its info row
+            actor(to_batch([r]))
+        elapsed = time.monotonic() - t0
+        get = (lambda m: ray_cluster.get(getattr(remote, m).remote())) if progress is remote \
+            else (lambda m: getattr(local, m)())
+        files, seconds = get("get")
+        assert files == 1 and seconds == pytest.approx(windows, abs=1.0)  # every window counted, the file once
+        assert get("stages")["codec_forward"] > 0
+        if progress is remote:
+            assert get("n_calls") <= elapsed / stages.PROGRESS_EVERY_S + 2 < windows
+        else:
+            assert get("n_calls") == len(rows)
