@@ -284,15 +284,14 @@ class CodecActor:
         out["info"] = np.array(info, dtype=object)
         return out
 
-
     def _report(self, files: int, seconds: float, windows: int, forward_s: float, pack_s: float) -> None:
         """Add a batch's counts to the progress actor: at once in this process (a plain call), and from a Ray
         actor whenever files completed or ``PROGRESS_EVERY_S`` passed, else summed with the next batch's. Each
-        report is an actor task, and Ray keeps an event of every task in its GCS (``runtime.init_ray``): one a
-        batch grew a 24-hour input's gcs_server by a third. Windows of a batch without a file's end may stay
-        unreported when the actor's last batch follows its last report within ``PROGRESS_EVERY_S``: the bar and
-        the summary's codec seconds may then lag by that much; files are always counted (the catalog, not this,
-        is what the job commits)."""
+        report is an actor task, and Ray keeps an event of every task in its GCS (``runtime.init_ray``): with one
+        report a batch, a 24-hour input's gcs_server grew from 45 to 65 MiB. Windows of a batch without a file's
+        end may stay unreported when the actor's last batch follows its last report within ``PROGRESS_EVERY_S``:
+        the bar and the summary's codec seconds may then lag by that much; files are always counted (the catalog,
+        not this, is what the job commits)."""
         u = self._unreported
         for k, v in (("files", files), ("seconds", seconds), ("windows", windows), ("forward_s", forward_s),
                      ("pack_s", pack_s)):
