@@ -222,7 +222,7 @@ class CodecActor:
         self.ctx = sum(self.codec.encode_context)
         self.hop = self.codec.hop_length
         self.progress = progress
-        self._unreported = dict.fromkeys(("files", "seconds", "windows", "forward_s", "pack_s"), 0)
+        self._unreported = dict.fromkeys(PROGRESS_COUNTS, 0)
         self._reported_at = 0.0
         self.em = telemetry.Emitter(job_tags)
 
@@ -264,7 +264,8 @@ class CodecActor:
             seconds += len(idx) * n_frames * self.hop / self.codec.sample_rate
         files = sum(1 for k in kinds if k == INFO)
         if self.progress is not None:
-            self._report(files, seconds, sum(len(v) for v in groups.values()), forward, pack)
+            self._report(files=files, seconds=seconds, windows=sum(len(v) for v in groups.values()),
+                         forward_s=forward, pack_s=pack)
         if self.em.on:  # per batch: a handful of metric updates
             n_win = len(kinds) - files
             self.em.inc("audioarc_audio_seconds_in", seconds, stage="encode")
@@ -284,7 +285,7 @@ class CodecActor:
         out["info"] = np.array(info, dtype=object)
         return out
 
-    def _report(self, files: int, seconds: float, windows: int, forward_s: float, pack_s: float) -> None:
+    def _report(self, **counts: float) -> None:
         """Add a batch's counts to the progress actor: at once in this process (a plain call), and from a Ray
         actor whenever files completed or ``PROGRESS_EVERY_S`` passed, else summed with the next batch's. Each
         report is an actor task, and Ray keeps an event of every task in its GCS (``runtime.init_ray``): with one
@@ -293,8 +294,7 @@ class CodecActor:
         the bar and the summary's codec seconds may then lag by that much; files are always counted (the catalog,
         not this, is what the job commits)."""
         u = self._unreported
-        for k, v in (("files", files), ("seconds", seconds), ("windows", windows), ("forward_s", forward_s),
-                     ("pack_s", pack_s)):
+        for k, v in counts.items():
             u[k] += v
         remote = getattr(self.progress.add, "remote", None)
         now = time.monotonic()
@@ -302,11 +302,11 @@ class CodecActor:
             return
         (remote or self.progress.add)(node=self.node_id, actor=self.actor_id, **u)
         self._reported_at = now
-        for k in u:
-            u[k] = 0
+        self._unreported = dict.fromkeys(PROGRESS_COUNTS, 0)
 
 
 PROGRESS_EVERY_S = 0.5  # a Ray codec actor reports its progress at most this often unless a file completed
+PROGRESS_COUNTS = ("files", "seconds", "windows", "forward_s", "pack_s")  # what it reports (``Progress.add``)
 
 
 # -- progress -------------------------------------------------------------------------------------
