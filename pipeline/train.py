@@ -374,6 +374,9 @@ class _Run:
         if config.init_from and (self.rung or self.keep or not self.resuming):
             self.init_state = read_weights(config.init_from)
             codec.load_weights(self.init_state, str(config.init_from))
+            if codec.clear_band_gains():  # fitted to the codes this run changes: refit on its weights
+                self.log(f"{config.init_from}: band gains dropped (fitted to these codes); refit them on the result "
+                         f"with `python -m jobs.fit_band_gains --weights OUT`")
         if self.rung:
             self._freeze_for_rung()
         if self.keep:

@@ -23,6 +23,13 @@ Training (``pipeline/train.py``) runs the same convolutions with zero padding (`
 training segment keeps its length; at inference the pipeline supplies the real context instead.
 The bitrate ladder is 1.5/3/6/12/24 kbps = 2/4/8/16/32 stages (quantizer dropout in training).
 
+*Band gains* (codec version 3, release 7): a checkpoint may carry ``band_gains.*`` tables (``bandgain.py``); the
+stages past ``band_gains.base`` (16) are then not RVQ stages but per-frame energy corrections of 40 bands of the
+16-stage decode: ``decode`` scales each band by its coded level, ``encode`` decodes its own 16-stage codes (reading
+the shared decoder's look-back, so ``encode_context`` grows by its 32 frames) and codes what each band lacks. The
+padding code is then the (stored) code of digital silence, and frames of digital silence get it at every rate, so
+the encoder's base and the decoder's agree at a file's start.
+
 *Rung decoders*: a checkpoint may carry, beside the shared decoder, a dedicated decoder for one rung
 (``rung_decoders.<K>``: the shared decoder's shape, optionally with more residual blocks: a longer look-back,
 which widens ``decode_context[0]``; and optionally symmetric *look-ahead* blocks, which widen both sides of
@@ -43,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CodecUnavailableError
+from .bandgain import BandGains, bark_edges
 from .base import Codec
 from .mdct import MDCT
 from .rvq import ResidualVQ
@@ -126,7 +134,9 @@ class NeuralRvqCodec(Codec):
     """MDCT-domain conv autoencoder + RVQ (see the module docstring)."""
 
     name = "neural_rvq"
-    version = "2"  # 2: sign dither above dither_from_hz (decoded audio differs from version 1 there)
+    #: 2: sign dither above dither_from_hz (decoded audio differs from version 1 there); 3: weights may carry band
+    #: gains (``set_band_gains``), which then code the stages past their base (weights without them decode as in 2)
+    version = "3"
     sample_rate = 24000
     hop_length = 320
     codebook_size = 1024
@@ -167,10 +177,21 @@ class NeuralRvqCodec(Codec):
             self.add_rung_decoder(k)
         # per-bin scale of the companded coefficients (1 / std over training data); set by training
         self.register_buffer("feat_scale", torch.ones(hop))
-        el, er = self.encoder.rf
-        # encode frames [a, b): MDCT frames [a - el, b + er), MDCT frame i covers [i*hop - hop, i*hop + hop)
-        self.encode_context = (hop + el * hop, er * hop)
+        self.band_gains = None  # optional gain stages after the first ``band_gains.base`` (see set_band_gains)
+        self._set_encode_context()
         self._set_decode_context()
+
+    def _set_encode_context(self) -> None:
+        hop = self.hop_length
+        el, er = self.encoder.rf
+        # encode frames [a, b): MDCT frames [a - el, b + er), MDCT frame i covers [i*hop - hop, i*hop + hop); with
+        # band gains, also the base decoder's look-back: the latents of [a - back, a) (see _gain_lookback)
+        self.encode_context = (hop + (el + self._gain_lookback()) * hop, er * hop)
+
+    def _gain_lookback(self) -> int:
+        """Code frames before a window the encoder codes too, so it can decode the base and code its gains."""
+        bg = getattr(self, "band_gains", None)
+        return 0 if bg is None else self.decoder_for(bg.base).rf[0]
 
     def _set_decode_context(self) -> None:
         # decode samples [a*hop, b*hop): MDCT frames [a, b] (overlap-add), each from codes [i - dl, i + dr];
@@ -196,6 +217,8 @@ class NeuralRvqCodec(Codec):
         if ahead_blocks:
             self.rung_decoders[key].look_ahead(ahead_blocks)
         self._set_decode_context()
+        if self.encoder is not None:
+            self._set_encode_context()  # (a deeper decoder of the band gains' base reads further back)
         return self.rung_decoders[key]
 
     def decoder_for(self, n_q: int) -> FrameNet:
@@ -218,12 +241,67 @@ class NeuralRvqCodec(Codec):
                 self.add_rung_decoder(k, max(0, n - len(dec.blocks)), max(0, a - len(dec.ahead)))
             except ValueError as e:
                 raise CodecUnavailableError(f"{where}: {e}") from None
+        if "band_gains.levels" in keys and self.band_gains is None:  # the default layout; load_weights reshapes
+            try:
+                self.set_band_gains(bark_edges(self.hop_length), torch.zeros(40, 16), 16)
+            except ValueError:  # not this codec's shape: load_weights builds the file's own
+                pass
 
     def load_weights(self, state: dict, where: str = "checkpoint") -> None:
-        """Load a checkpoint, first adding the rung decoders it carries (``prepare_weights``)."""
+        """Load a checkpoint, first adding the rung decoders and band gains it carries (``prepare_weights``)."""
         sd = state["model"] if "model" in state else state
         self.prepare_weights(sd, where)
+        if "band_gains.levels" in sd:  # shaped as the file's tables (prepare_weights assumed the default shape)
+            try:
+                self.set_band_gains(sd["band_gains.edges"], sd["band_gains.levels"], int(sd["band_gains.base_stages"]),
+                                    sd["band_gains.silence_codes"])
+            except (KeyError, ValueError, TypeError, RuntimeError) as e:
+                raise CodecUnavailableError(f"{where}: unusable band gains ({e})") from None
         self.load_state_dict(sd)
+
+    # -- band gains ----------------------------------------------------------------------------
+    def set_band_gains(self, edges, levels, base_stages: int = 16, silence_codes=None) -> BandGains:
+        """Code the stages after the first ``base_stages`` as band gains (``bandgain.BandGains``): decoding
+        ``K > base_stages`` stages decodes the first ``base_stages`` and scales each band of each frame by the gain
+        the others code. ``K <= base_stages`` decodes as without them, except that digital silence and the frames
+        before a file get the codes of silence (``silence_codes``; default: what this encoder gives for it)."""
+        if silence_codes is None and self.encoder is not None:
+            silence_codes = self._codes_of_silence(base_stages)
+        bg = BandGains(edges, levels, base_stages, code_bits=int(math.log2(self.codebook_size)),
+                       silence_codes=silence_codes)
+        if int(bg.edges[-1]) > self.hop_length:
+            raise ValueError(f"band gains: edges reach bin {int(bg.edges[-1])}, a frame has {self.hop_length}")
+        if not 1 <= base_stages or base_stages + bg.n_stages > self.n_q:
+            raise ValueError(f"band gains: {base_stages} base + {bg.n_stages} gain stages exceed {self.n_q}")
+        if 2 ** bg.code_bits != self.codebook_size:
+            raise ValueError(f"band gains: codebook size {self.codebook_size} is not a power of two")
+        self.band_gains = bg.to(self.feat_scale.device)
+        self._set_encode_context()
+        return self.band_gains
+
+    @torch.inference_mode()
+    def _codes_of_silence(self, base_stages: int) -> torch.Tensor:
+        """``[base, base]``: row ``k - 1`` = the codes this encoder gives a frame of digital silence at ``k`` stages."""
+        el, er = self.encoder.rf
+        z = self.encoder(torch.zeros(1, self.hop_length, el + er + 1, device=self.feat_scale.device))  # features of 0
+        out = torch.zeros(base_stages, base_stages, dtype=torch.int64)
+        for k in range(1, min(base_stages, self.n_q) + 1):
+            out[k - 1, :k] = self.rvq.encode(z, k)[0, :, 0].cpu()
+        return out
+
+    def pad_codes(self, n_q: int) -> torch.Tensor:
+        """``[n_q]``: code 0 (the zero latent), or with band gains the codes of digital silence (``_silence_padded``)."""
+        if self.band_gains is None:
+            return super().pad_codes(n_q)
+        return self.band_gains.silence(n_q).cpu()
+
+    def clear_band_gains(self) -> bool:
+        """Drop the band gains (a training run changes the codes and the decoder they were fitted to); True if there
+        were any. Refit them with ``python -m jobs.fit_band_gains`` on the new weights."""
+        had = self.band_gains is not None
+        self.band_gains = None
+        self._set_encode_context()
+        return had
 
     # -- feature transforms -----------------------------------------------------------------
     def features(self, wav: torch.Tensor) -> torch.Tensor:
@@ -237,6 +315,15 @@ class NeuralRvqCodec(Codec):
         y = y / self.feat_scale[None, :, None]
         return torch.sign(y) * y.abs().pow(1.0 / self.power)
 
+    def frames_of(self, x) -> torch.Tensor:
+        """``x: [T]`` samples -> MDCT ``[1, hop, ceil(T / hop) + 1]`` on the code-frame grid (frame ``i`` covers samples
+        ``[i*hop - hop, i*hop + hop)``, zeros outside ``x``): the frames ``encode`` and ``decode`` work on, e.g. to
+        compare a decoded file's band energies with its original's (``band_gains.gains_db``)."""
+        hop = self.hop_length
+        x = torch.as_tensor(x, dtype=torch.float32).reshape(-1)
+        x = F.pad(x, (hop, 2 * hop - x.numel() % hop))
+        return self.mdct(x[None].to(self.feat_scale.device))
+
     def synthesize(self, coeffs: torch.Tensor) -> torch.Tensor:
         """MDCT ``[B, hop, F]`` -> complete samples ``[B, 1, (F-1)*hop]`` (the span between frame centres)."""
         out = self.mdct.inverse(coeffs)
@@ -247,32 +334,71 @@ class NeuralRvqCodec(Codec):
     def _release_for_decoding(self, n_q: int) -> None:
         # the encoder, the decoders other than decoder_for(n_q), codebooks past n_q; decode_context stays (it is
         # the archive's frame layout, set by the widest decoder of the full weights)
-        keep = self.decoder_for(n_q)
+        n_rvq = self._rvq_stages(n_q)
+        keep = self.decoder_for(n_rvq)
         self.encoder = None
         for k in [k for k, d in self.rung_decoders.items() if d is not keep]:
             del self.rung_decoders[k]
         if keep is not self.decoder:
             self.decoder = None
-        self.rvq.codebooks = self.rvq.codebooks[:n_q].clone()
-        self.rvq.n_q = n_q
+        self.rvq.codebooks = self.rvq.codebooks[:n_rvq].clone()
+        self.rvq.n_q = n_rvq  # (band gains stay at every rate: their silence codes are the padding code)
+
+    def _rvq_stages(self, n_q: int) -> int:
+        """How many of ``n_q`` stages are RVQ stages (the rest are band gains)."""
+        return n_q if self.band_gains is None else min(n_q, self.band_gains.base)
 
     @torch.inference_mode()
     def encode(self, wav: torch.Tensor, n_q: int) -> torch.Tensor:
         if self.encoder is None:
             raise RuntimeError(f"{self.name}: loaded for decoding only (for_decoding), it cannot encode")
-        z = self.encoder(self.features(wav))
-        return self.rvq.encode(z, n_q)
+        if n_q < 1 or n_q > self.n_q:
+            raise ValueError(f"n_q must be in [1, {self.n_q}], got {n_q}")
+        back = self._gain_lookback()
+        if self.band_gains is None:
+            return self.rvq.encode(self.encoder(self.features(wav)), n_q)
+        if n_q <= self.band_gains.base:  # no gain stages: the look-back samples are not needed
+            return self._silence_padded(self.rvq.encode(self.encoder(self.features(wav[..., back * self.hop_length:])),
+                                                        n_q), wav[..., back * self.hop_length:])
+        z = self.encoder(self.features(wav))  # latents of frames [a - back, b)
+        codes = self._silence_padded(self.rvq.encode(z, self.band_gains.base), wav)
+        # band gains: decode the base (frames a..b-1 from the codes of [a - back, b)), code what it lacks
+        bg = self.band_gains
+        y = self.decoder_for(bg.base)(self.rvq.decode(codes))  # [B, hop, b - a]
+        el = self.encoder.rf[0]
+        target = self.mdct(wav[:, 0, :])[..., back + el: back + el + y.shape[-1]]
+        gains = bg.encode(target, self.unfeatures(y), n_q - bg.base)
+        return torch.cat([codes[..., back:], gains], dim=1)
+
+    def _silence_padded(self, codes: torch.Tensor, wav: torch.Tensor) -> torch.Tensor:
+        """``codes [B, K, F]`` of the latents of ``wav``, with the padding code (``pad_codes``: the codes of digital
+        silence) for every frame whose MDCT frame is digital silence (weights with band gains). Frames before a file
+        are such frames, and the decoder reads the padding code there: so the base the encoder decodes to code its
+        gains is the one the decoder will decode at a file's start too (the encoder's own codes of the silence
+        before a file, which also see the file's first samples, put up to 39 dB of error into the first frames'
+        gains, measured)."""
+        hop, el = self.hop_length, self.encoder.rf[0]
+        silent = (wav[:, 0].unfold(-1, 2 * hop, hop) == 0).all(-1)[:, el: el + codes.shape[-1]]  # [B, F]
+        pad = self.pad_codes(codes.shape[1]).to(codes.device)[None, :, None]
+        return torch.where(silent[:, None, :], pad, codes)
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        z = self.rvq.decode(codes)
-        dec = self.decoder_for(codes.shape[1])
+        kept = getattr(self, "_decode_only", None)
+        if kept and codes.shape[1] > kept[1]:
+            raise ValueError(f"{self.name}: kept for decoding {kept[1]} stages (for_decoding), got {codes.shape[1]}")
+        k = self._rvq_stages(codes.shape[1])
+        z = self.rvq.decode(codes[:, :k])
+        dec = self.decoder_for(k)
         # a decoder with less context than the widest one skips the codes it does not read
         dl, dr = self.decode_context[0], self.decode_context[1] - 1
         y = dec(z[..., dl - dec.rf[0]: z.shape[-1] - (dr - dec.rf[1])])  # [B, hop, b - a + 1] = MDCT frames a..b
         if self.dither_signs:
-            y = y * self.dither(codes, y.shape[-1])
-        return self.synthesize(self.unfeatures(y))
+            y = y * self.dither(codes[:, :k], y.shape[-1])
+        coeffs = self.unfeatures(y)
+        if k < codes.shape[1]:  # band gains of MDCT frames a..b (code frames dl .. dl + b - a)
+            coeffs = coeffs * self.band_gains.scale(codes[:, k:, dl: dl + y.shape[-1]], self.hop_length)
+        return self.synthesize(coeffs)
 
     _P = 2147483647  # 2^31 - 1: every product below stays under 2^62, exact in int64 on any device
 
