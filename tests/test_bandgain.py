@@ -239,7 +239,7 @@ def test_fit_job_adds_band_gains_to_weights_without_them(tmp_path):
     corpus_dir = tmp_path / "corpus"
     for i, kind in enumerate(("noise", "chirp", "sine", "noise")):
         af.write(corpus_dir / f"f{i}.wav", 1.5, 24000, 1, kind=kind, seed=i)
-    r6 = registry.WEIGHTS_DIR / "neural_rvq.pt"  # (weights without band gains)
+    r6 = registry.WEIGHTS_DIR / "neural_rvq-011c0d1d.pt"
     out = fit_band_gains.main(["--weights", str(r6), "--out", str(tmp_path / "w.pt"), "--corpus", str(corpus_dir),
                                "--other-files", "4", "--speech-files", "0", "--music-files", "0", "--levels", "4",
                                "--seconds", "1.5", "--threads", "1"])

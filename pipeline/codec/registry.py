@@ -26,7 +26,7 @@ class CodecSpec:
     default_weights: Path | None
     needs_weights: bool = False  # no shipped weights: --codec-weights PATH is required
     weights_hint: str = ""  # where the user gets the checkpoint (shown when it is missing)
-    #: other checkpoints installed with the package that archives may name by hash (none ship today)
+    #: other checkpoints installed with the package that archives may name by hash
     previous_weights: tuple[Path, ...] = ()
 
 
@@ -50,11 +50,13 @@ def register(spec: CodecSpec) -> None:
 register(CodecSpec("mdct_rvq", "MDCT frames + residual k-means codebooks learned from real audio (fast)",
                    _mdct_rvq, WEIGHTS_DIR / "mdct_rvq.pt"))
 
-# Only the current release ships: an archive carries the exact weights it was made with (archive/weights.py).
-# Earlier releases live in the repository's deploy/weights/ for archives made before archives carried them
-# (`audioarc adopt-weights DEST deploy/weights/neural_rvq-<hash>.pt`).
-register(CodecSpec("neural_rvq", "MDCT-domain conv autoencoder + 32-stage RVQ, trained (1.5-24 kbps)",
-                   _neural_rvq, WEIGHTS_DIR / "neural_rvq.pt"))
+# Only the current release ships in full: an archive carries the exact weights it was made with
+# (archive/weights.py). Release 6 ships beside it as a 2 KiB delta (release 7 less its band gains), so archives of
+# format 1 made with it restore as they did; earlier releases live in the repository's deploy/weights/ for archives
+# made before archives carried them (`audioarc adopt-weights DEST deploy/weights/neural_rvq-<hash>.pt`).
+register(CodecSpec("neural_rvq", "MDCT-domain conv autoencoder + 16-stage RVQ + 16 band-gain stages, trained "
+                   "(1.5-24 kbps)", _neural_rvq, WEIGHTS_DIR / "neural_rvq.pt",
+                   previous_weights=(WEIGHTS_DIR / "neural_rvq-011c0d1d.pt",)))
 
 
 def _encodec_24khz() -> Codec:
