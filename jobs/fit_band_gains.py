@@ -96,8 +96,8 @@ def main(argv=None) -> Path:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     root = args.corpus or corpus.fetch()
-    codec, info = fit(args.weights, root, args.base, args.levels,
-                      {"speech": args.speech_files, "music": args.music_files, "other": args.other_files}, args.seconds, args.seed)
+    per_kind = {"speech": args.speech_files, "music": args.music_files, "other": args.other_files}
+    codec, info = fit(args.weights, root, args.base, args.levels, per_kind, args.seconds, args.seed)
     src = registry.read_weights(args.weights or registry.spec("neural_rvq").default_weights)
     config = dict(src.get("config", {}), band_gains=info)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -140,7 +140,8 @@ def test_band_gains_travel_in_checkpoints_and_archive_weights(tmp_path):
     full = with_gains_full()
     data = archive_weights.to_bytes(full)
     got = archive_weights.from_bytes(data, "neural_rvq", full.checkpoint_hash(), "test")
-    assert got.checkpoint_hash() == full.checkpoint_hash() and torch.equal(got.band_gains.levels, full.band_gains.levels)
+    assert got.checkpoint_hash() == full.checkpoint_hash()
+    assert torch.equal(got.band_gains.levels, full.band_gains.levels)
 
 
 def with_gains_full() -> NeuralRvqCodec:

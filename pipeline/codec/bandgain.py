@@ -99,7 +99,8 @@ class BandGains(nn.Module):
 
     # -- coding ------------------------------------------------------------------------------------
     def gains_db(self, target: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
-        """``target, decoded: [B, n_bins, F]`` MDCT -> ``[B, n_bands, F]`` dB the decoded bands are short of the target."""
+        """``target, decoded: [B, n_bins, F]`` MDCT -> ``[B, n_bands, F]`` dB the decoded bands fall short of the
+        target's."""
         et, ed = self.energy(target), self.energy(decoded)
         return (10.0 * torch.log10((et + ENERGY_FLOOR) / (ed + ENERGY_FLOOR))).float()
 
@@ -113,26 +114,18 @@ class BandGains(nn.Module):
         if not 0 <= n_stages <= self.n_stages:
             raise ValueError(f"band gains hold {self.n_stages} stages, asked for {n_stages}")
         idx = self.quantize(self.gains_db(target, decoded))  # [B, nb, F]
-        b, nb, f = idx.shape
-        nbits = self.band_bits
-        shifts = torch.arange(nbits - 1, -1, -1, device=idx.device)
-        bits = ((idx[:, :, None, :] >> shifts[None, None, :, None]) & 1).reshape(b, nb * nbits, f)  # band 0 first
-        total = self.n_stages * self.code_bits
-        bits = torch.cat([bits, bits.new_zeros(b, total - bits.shape[1], f)], dim=1)
-        weights = (1 << torch.arange(self.code_bits - 1, -1, -1, device=idx.device))
-        codes = (bits.reshape(b, self.n_stages, self.code_bits, f) * weights[None, None, :, None]).sum(2)
-        return codes[:, :n_stages]
+        bits = _to_bits(idx, self.band_bits)  # [B, nb * band_bits, F], band 0 first
+        pad = self.n_stages * self.code_bits - bits.shape[1]
+        bits = torch.cat([bits, bits.new_zeros(bits.shape[0], pad, bits.shape[2])], dim=1)
+        return _from_bits(bits, self.code_bits)[:, :n_stages]
 
     def decode_db(self, codes: torch.Tensor) -> torch.Tensor:
         """Gain codes ``[B, S, F]`` -> ``[B, n_bands, F]`` dB (0 for the bands the ``S`` stages do not complete)."""
         b, s, f = codes.shape
         if s > self.n_stages:
             raise ValueError(f"band gains hold {self.n_stages} stages, got {s}")
-        shifts = torch.arange(self.code_bits - 1, -1, -1, device=codes.device)
-        bits = ((codes[:, :, None, :] >> shifts[None, None, :, None]) & 1).reshape(b, s * self.code_bits, f)
-        nb, nbits = self.bands_in(s), self.band_bits
-        weights = (1 << torch.arange(nbits - 1, -1, -1, device=codes.device))
-        idx = (bits[:, : nb * nbits].reshape(b, nb, nbits, f) * weights[None, None, :, None]).sum(2)  # [B, nb, F]
+        nb = self.bands_in(s)
+        idx = _from_bits(_to_bits(codes, self.code_bits)[:, : nb * self.band_bits], self.band_bits)  # [B, nb, F]
         db = torch.zeros(b, self.n_bands, f, device=codes.device)
         if nb:
             lev = self.levels[:nb].to(codes.device)
@@ -145,6 +138,19 @@ class BandGains(nn.Module):
         out = torch.ones(codes.shape[0], n_bins, codes.shape[2], device=codes.device)
         out[:, : int(self.edges[-1])] = amp[:, self.band_of_bin()]
         return out
+
+
+def _to_bits(x: torch.Tensor, nbits: int) -> torch.Tensor:
+    """``x: [B, N, F]`` int64 in ``[0, 2 ** nbits)`` -> ``[B, N * nbits, F]`` bits, most significant first."""
+    shifts = torch.arange(nbits - 1, -1, -1, device=x.device)
+    return ((x[:, :, None, :] >> shifts[None, None, :, None]) & 1).reshape(x.shape[0], -1, x.shape[2])
+
+
+def _from_bits(bits: torch.Tensor, nbits: int) -> torch.Tensor:
+    """``bits: [B, N * nbits, F]`` -> ``[B, N, F]`` int64, each from ``nbits`` bits, most significant first."""
+    weights = 1 << torch.arange(nbits - 1, -1, -1, device=bits.device)
+    b, n, f = bits.shape
+    return (bits.reshape(b, n // nbits, nbits, f) * weights[None, None, :, None]).sum(2)
 
 
 def fit_levels(gains_db: torch.Tensor, n_levels: int, iters: int = 40, clip_db: float = 15.0) -> torch.Tensor:

@@ -242,8 +242,9 @@ class NeuralRvqCodec(Codec):
             except ValueError as e:
                 raise CodecUnavailableError(f"{where}: {e}") from None
         if "band_gains.levels" in keys and self.band_gains is None:  # the default layout; load_weights reshapes
-            try:
-                self.set_band_gains(bark_edges(self.hop_length), torch.zeros(40, 16), 16)
+            try:  # (placeholder silence codes: the file's are read in, no encoder pass on zeros at every load)
+                self.set_band_gains(bark_edges(self.hop_length), torch.zeros(40, 16), 16,
+                                    torch.zeros(16, 16, dtype=torch.int64))
             except ValueError:  # not this codec's shape: load_weights builds the file's own
                 pass
 
@@ -290,7 +291,8 @@ class NeuralRvqCodec(Codec):
         return out
 
     def pad_codes(self, n_q: int) -> torch.Tensor:
-        """``[n_q]``: code 0 (the zero latent), or with band gains the codes of digital silence (``_silence_padded``)."""
+        """``[n_q]``: code 0 (the zero latent), or with band gains the codes of digital silence
+        (``_silence_padded``)."""
         if self.band_gains is None:
             return super().pad_codes(n_q)
         return self.band_gains.silence(n_q).cpu()
@@ -354,12 +356,12 @@ class NeuralRvqCodec(Codec):
             raise RuntimeError(f"{self.name}: loaded for decoding only (for_decoding), it cannot encode")
         if n_q < 1 or n_q > self.n_q:
             raise ValueError(f"n_q must be in [1, {self.n_q}], got {n_q}")
-        back = self._gain_lookback()
         if self.band_gains is None:
             return self.rvq.encode(self.encoder(self.features(wav)), n_q)
+        back = self._gain_lookback()
         if n_q <= self.band_gains.base:  # no gain stages: the look-back samples are not needed
-            return self._silence_padded(self.rvq.encode(self.encoder(self.features(wav[..., back * self.hop_length:])),
-                                                        n_q), wav[..., back * self.hop_length:])
+            wav = wav[..., back * self.hop_length:]
+            return self._silence_padded(self.rvq.encode(self.encoder(self.features(wav)), n_q), wav)
         z = self.encoder(self.features(wav))  # latents of frames [a - back, b)
         codes = self._silence_padded(self.rvq.encode(z, self.band_gains.base), wav)
         # band gains: decode the base (frames a..b-1 from the codes of [a - back, b)), code what it lacks
