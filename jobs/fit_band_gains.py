@@ -22,7 +22,7 @@ import torch
 
 from pipeline import audio, corpus
 from pipeline.audio import pick_segment
-from pipeline.codec import packing, registry
+from pipeline.codec import registry
 from pipeline.codec.bandgain import BandGains, bark_edges, fit_levels
 from pipeline.codec.windows import decode_array, encode_array
 
@@ -98,20 +98,8 @@ def main(argv=None) -> Path:
     root = args.corpus or corpus.fetch()
     per_kind = {"speech": args.speech_files, "music": args.music_files, "other": args.other_files}
     codec, info = fit(args.weights, root, args.base, args.levels, per_kind, args.seconds, args.seed)
-    src = registry.read_weights(args.weights or registry.spec("neural_rvq").default_weights)
-    config = dict(src.get("config", {}), band_gains=info)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    model = dict(src.get("model", src))  # the input's tensors as stored (float16 rung decoders stay float16)
-    model.update({k: v.detach().clone() for k, v in codec.state_dict().items() if k.startswith("band_gains.")})
-    state = {"model": model, "config": config}
-    if "step" in src:
-        state["step"] = src["step"]
-    torch.save(state, args.out)
-    packing.pack_file(args.out)
-    back = registry.load("neural_rvq", args.out)
-    if back.checkpoint_hash() != codec.checkpoint_hash():
-        raise AssertionError(f"{args.out}: does not load back as the fitted codec")
-    print(json.dumps({"out": str(args.out), "checkpoint_hash": back.checkpoint_hash(), **info}))
+    h = registry.write_extended(codec, args.weights, "band_gains.", info, args.out)
+    print(json.dumps({"out": str(args.out), "checkpoint_hash": h, **info}))
     return args.out
 
 

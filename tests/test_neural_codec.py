@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import random
 import shutil
@@ -867,6 +868,46 @@ def test_eval_job_runs(tmp_path):
         by = {(s["codec"], s["kind"]): s["mel"] for s in both}
         for kind in {s["kind"] for s in summary}:
             assert by[("neural_rvq-again", kind)] == pytest.approx(by[("neural_rvq", kind)])
+
+
+def test_eval_job_scores_at_the_references_own_rate(tmp_path):
+    """--native: a 44.1 kHz reference is scored at 44.1 kHz; our codec (24 kHz) loses what lies above 12 kHz,
+    which the 24 kHz scoring cannot see."""
+    from jobs.tools import codec_eval
+    if not WEIGHTS.exists():
+        pytest.skip("no shipped weights")
+    d = tmp_path / "audio"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    hi = 44100
+    t = np.arange(int(2.5 * hi)) / hi
+    x = (0.3 * np.sin(2 * np.pi * (200 * t + 600 * t ** 2))).astype(np.float32) + 0.05 * rng.standard_normal(int(2.5 * hi)).astype(np.float32)  # to 22 kHz
+    sf.write(d / "wide.wav", x, hi)
+    common = [str(d), "--all-files", "--bitrates", "24", "--max-files", "1", "--seconds", "2", "--min-seconds", "1",
+              "--bench-seconds", "0", "--no-visqol", "--baselines"]
+    native = codec_eval.main([*common, "--native", "--out-dir", str(tmp_path / "n")])
+    at24 = codec_eval.main([*common, "--out-dir", str(tmp_path / "r")])
+    rows = list(csv.DictReader(open(tmp_path / "n" / "results.csv")))
+    assert [float(r["rate"]) for r in rows] == [hi] and float(rows[0]["seconds"]) == pytest.approx(2.0, abs=0.01)
+    assert native[0]["mel7"] > at24[0]["mel7"] + 0.3  # the missing 12-22 kHz noise counts at 44.1 kHz
+    assert native[0]["mel"] is not None and native[0]["stoi"] is None
+
+
+def test_mel7_distance_sees_what_it_should():
+    """A fixed comb of narrow bands above 4 kHz (band energy kept: what a decoder leaving most MDCT bins empty
+    does) weighs twice as much, against a 1 dB level change, on the 7-scale distance as on the 3-scale one."""
+    rng = np.random.default_rng(1)
+    x = 0.1 * rng.standard_normal(2 * RATE).astype(np.float32)
+    assert metrics.mel7_distance(x, x, RATE) == 0.0 and len(metrics.MEL7_SCALES) == 7
+    spec = np.fft.rfft(x)
+    f = np.arange(len(spec)) * RATE / (2 * (len(spec) - 1))
+    teeth = np.abs((f + 150) % 300 - 150) < 18.75  # 37.5 Hz wide (one MDCT bin) every 300 Hz
+    spec[(f > 4000) & ~teeth] = 0
+    spec[(f > 4000) & teeth] *= np.sqrt(8)
+    comb, louder = np.fft.irfft(spec, len(x)).astype(np.float32), x * 1.12  # louder: +1 dB
+    m7 = metrics.mel7_distance(x, comb, RATE) / metrics.mel7_distance(x, louder, RATE)
+    m3 = metrics.mel_distance(x, comb, RATE) / metrics.mel_distance(x, louder, RATE)
+    assert m7 > 1.5 and m7 > 1.5 * m3, (m7, m3)
 
 
 # -- the shipped checkpoint --------------------------------------------------------------------------

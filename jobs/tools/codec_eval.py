@@ -1,16 +1,22 @@
 """Evaluate codecs against Opus / MP3 on the same 24 kHz mono references.
 
     python -m jobs.tools.codec_eval [DIR] --bitrates 1.5 3 6 12 --codec neural_rvq [--baselines opus mp3]
-                              [--max-files 4] [--seconds 8] [--out-dir .data/eval]
+                              [--max-files 4] [--seconds 8] [--native] [--out-dir .data/eval]
 
 ``DIR`` defaults to the Debian corpus; only its held-out files are used (``--all-files`` to lift
 that, e.g. for a folder of your own). Per codec x bitrate x content kind it reports the mean
-multi-scale log-mel distance (lower is better), SI-SDR (dB), STOI (speech files), ViSQOL
+multi-scale log-mel distance (lower is better; "mel", 3 scales, and "mel7", the 7-scale distance issue 20
+measures with, ``metrics.mel7_distance``), SI-SDR (dB), STOI (speech files), ViSQOL
 (audio mode, if ``visqol-python`` is installed), the share of decoded energy above 2 kHz in stationary tones the
 reference lacks (``metrics.tonal_peak_share``, "tones"), the bitrate actually spent and encode/decode speed
 (x realtime; for the ffmpeg baselines this includes process start-up). MP3 runs only at the bitrates
 MPEG-2 layer III has at 24 kHz (8, 16, 24, ... kbps), so add 24 to ``--bitrates`` to see it. Writes ``results.csv``
 (per file), ``summary.json`` and ``summary.md`` to ``--out-dir``.
+
+``--native`` scores at each reference's own rate instead (mono, 16-48 kHz), the way a user compares a restored
+file: the codec under test gets the reference resampled to its 24 kHz and its decode is resampled back (what
+``audioarc restore`` does), Opus encodes the reference as it is (libopus resamples to 48 kHz and keeps what its
+bandwidth at that bitrate allows), MP3 at 24 kHz (MPEG-2's low bitrates) decoded back to the reference's rate.
 """
 from __future__ import annotations
 
@@ -34,10 +40,11 @@ MP3_KBPS_24K = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)
 
 # -- references -------------------------------------------------------------------------------------
 def load_references(root: Path, max_files: int, seconds: float, heldout_only: bool, seed: int = 0,
-                    min_seconds: float = 3.0, segments_per_file: int = 2):
+                    min_seconds: float = 3.0, segments_per_file: int = 2, rate: int | None = RATE):
     """Up to ``max_files`` references per content kind: files of at least ``min_seconds`` (short clips
     make STOI/ViSQOL unreliable), cut to the loudest ``seconds`` of each of ``segments_per_file`` equal
-    parts of long files (music), so a few long held-out songs still give several references."""
+    parts of long files (music), so a few long held-out songs still give several references. Mono at ``rate``
+    (``None``: each file's own rate, in ``ref["rate"]``)."""
     from pipeline import audio, corpus
     from pipeline.audio import pick_segment
     files = corpus.audio_files(root)
@@ -56,14 +63,14 @@ def load_references(root: Path, max_files: int, seconds: float, heldout_only: bo
                 break
             p = paths[i]
             try:
-                x, _ = audio.load(str(p), RATE, mono=True)
+                x, sr = audio.load(str(p), rate, mono=True)
             except Exception as e:
                 print(f"skip {p}: {e}")
                 continue
             x = x[0]
-            if len(x) < min_seconds * RATE:
+            if len(x) < min_seconds * sr:
                 continue
-            n = int(seconds * RATE)
+            n = int(seconds * sr)
             parts = max(1, min(segments_per_file, len(x) // max(n, 1)))
             edges = np.linspace(0, len(x), parts + 1).astype(int)
             for j in range(parts):
@@ -76,26 +83,30 @@ def load_references(root: Path, max_files: int, seconds: float, heldout_only: bo
                 if peak > 0.99:
                     seg = seg * (0.99 / peak)
                 name = p.name if parts == 1 else f"{p.name}#{j}"
-                refs.append({"name": name, "path": str(p), "kind": kind, "audio": seg.astype(np.float32)})
+                refs.append({"name": name, "path": str(p), "kind": kind, "audio": seg.astype(np.float32),
+                             "rate": sr})
                 taken += 1
     return refs
 
 
 # -- codecs under test ------------------------------------------------------------------------------
-def run_neural(codec, x: np.ndarray, kbps: float):
-    """-> (decoded [T], actual kbps, encode xRT, decode xRT) or None when kbps is not on the ladder."""
-    from pipeline import archive
+def run_neural(codec, x: np.ndarray, kbps: float, rate: int = RATE):
+    """-> (decoded [T], actual kbps, encode xRT, decode xRT) or None when kbps is not on the ladder. ``x`` at
+    ``rate``: resampled to the codec's rate and back, as a restore does (the resampling is not timed)."""
+    from pipeline import archive, audio
     from pipeline.codec.windows import decode_array, encode_array
     try:
         n_q = codec.n_q_for_kbps(kbps)
     except ValueError:
         return None
-    dur = len(x) / RATE
+    dur = len(x) / rate
+    xc = x[None] if rate == codec.sample_rate else audio.resample(x[None], rate, codec.sample_rate)
     t0 = time.perf_counter()
-    codes = encode_array(codec, x[None], n_q)
+    codes = encode_array(codec, xc, n_q)
     t1 = time.perf_counter()
-    y = decode_array(codec, codes, len(x))[0]
+    y = decode_array(codec, codes, xc.shape[1])
     t2 = time.perf_counter()
+    y = y[0] if rate == codec.sample_rate else audio.fit_length(audio.resample(y, codec.sample_rate, rate), len(x))[0]
     bits = codes.shape[1] * codes.shape[2] * archive.bits_for(codec.codebook_size)
     return y, bits / dur / 1000, dur / (t1 - t0), dur / (t2 - t1)
 
@@ -139,10 +150,12 @@ def _align(ref: np.ndarray, deg: np.ndarray, max_lag: int = 4000) -> np.ndarray:
     return deg[:len(ref)]
 
 
-def run_ffmpeg(kind: str, x: np.ndarray, kbps: float, tmp: Path):
-    """Opus (libopus CBR) or MP3 (libmp3lame CBR) through ffmpeg at 24 kHz mono; None if it can't go there."""
+def run_ffmpeg(kind: str, x: np.ndarray, kbps: float, tmp: Path, rate: int = RATE):
+    """Opus (libopus CBR) or MP3 (libmp3lame CBR) through ffmpeg, mono, decoded to ``rate``; None if it can't go
+    there. At 24 kHz both encode 24 kHz; at another ``rate`` Opus encodes the reference as it is, MP3 at 24 kHz."""
     src = tmp / "ref.wav"
-    sf.write(src, x, RATE, subtype="FLOAT")
+    sf.write(src, x, rate, subtype="FLOAT")
+    enc_rate = ["-ar", str(RATE)] if kind == "mp3" or rate == RATE else []
     if kind == "opus":
         enc = tmp / "enc.opus"
         args = ["-c:a", "libopus", "-b:a", f"{kbps}k", "-vbr", "off", "-application", "audio"]
@@ -154,14 +167,14 @@ def run_ffmpeg(kind: str, x: np.ndarray, kbps: float, tmp: Path):
     else:
         raise ValueError(kind)
     dec = tmp / "dec.wav"
-    dur = len(x) / RATE
+    dur = len(x) / rate
     t0 = time.perf_counter()
-    r = subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(src), "-ac", "1", "-ar", str(RATE), *args,
+    r = subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(src), "-ac", "1", *enc_rate, *args,
                         str(enc)], capture_output=True, text=True)
     t1 = time.perf_counter()
     if r.returncode != 0 or not enc.exists():
         return None
-    r = subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(enc), "-ac", "1", "-ar", str(RATE),
+    r = subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(enc), "-ac", "1", "-ar", str(rate),
                         "-c:a", "pcm_f32le", str(dec)], capture_output=True, text=True)
     t2 = time.perf_counter()
     if r.returncode != 0:
@@ -172,18 +185,19 @@ def run_ffmpeg(kind: str, x: np.ndarray, kbps: float, tmp: Path):
 
 
 # -- scoring ----------------------------------------------------------------------------------------
-def score(ref: np.ndarray, deg: np.ndarray, kind: str, use_visqol: bool, visqol_seconds: float) -> dict:
+def score(ref: np.ndarray, deg: np.ndarray, kind: str, use_visqol: bool, visqol_seconds: float,
+          rate: int = RATE) -> dict:
     from pipeline.codec import metrics
-    out = {"mel": metrics.mel_distance(ref, deg, RATE), "si_sdr": metrics.si_sdr(ref, deg),
-           "tones": metrics.tonal_peak_share(ref, deg, RATE)}
-    out["stoi"] = metrics.stoi(ref, deg, RATE) if kind == "speech" else None
-    bands = metrics.stoi_bands(ref, deg, RATE) if kind == "speech" else None
+    out = {"mel": metrics.mel_distance(ref, deg, rate), "mel7": metrics.mel7_distance(ref, deg, rate),
+           "si_sdr": metrics.si_sdr(ref, deg), "tones": metrics.tonal_peak_share(ref, deg, rate)}
+    out["stoi"] = metrics.stoi(ref, deg, rate) if kind == "speech" else None
+    bands = metrics.stoi_bands(ref, deg, rate) if kind == "speech" else None
     if bands is not None:  # where intelligibility is lost: STOI per one-third-octave band (their mean is STOI)
         out.update({f"stoi_{hz:.0f}hz": float(v) for hz, v in zip(*bands)})
     if use_visqol:
-        n = int(visqol_seconds * RATE)
+        n = int(visqol_seconds * rate)
         try:
-            out["visqol"] = metrics.visqol(ref[:n], deg[:n], RATE)
+            out["visqol"] = metrics.visqol(ref[:n], deg[:n], rate)
         except Exception as e:  # ViSQOL refuses some inputs (too short, silent): score the rest
             print(f"ViSQOL failed: {e}")
             out["visqol"] = None
@@ -199,7 +213,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for (codec, kbps, kind), rs in sorted(groups.items(), key=lambda g: (g[0][2], g[0][1], g[0][0])):
         s = {"codec": codec, "kbps": kbps, "kind": kind, "files": len(rs)}
-        for m in ("mel", "si_sdr", "stoi", "visqol", "tones", "actual_kbps", "enc_xrt", "dec_xrt", *_band_keys(rs)):
+        for m in ("mel", "mel7", "si_sdr", "stoi", "visqol", "tones", "actual_kbps", "enc_xrt", "dec_xrt", *_band_keys(rs)):
             vals = [r[m] for r in rs if r.get(m) is not None]
             s[m] = round(float(np.mean(vals)), 4) if vals else None
         out.append(s)
@@ -227,14 +241,14 @@ def bands_markdown(summary: list[dict]) -> str:
 
 
 def to_markdown(summary: list[dict]) -> str:
-    head = ("| kind | kbps | codec | files | mel dist (lower better) | SI-SDR dB | STOI | ViSQOL | tones (lower better) "
+    head = ("| kind | kbps | codec | files | mel dist (lower better) | mel7 dist (lower better) | SI-SDR dB | STOI | ViSQOL | tones (lower better) "
             "| actual kbps | enc xRT | dec xRT |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def f(v, d=3):
         return "-" if v is None else f"{v:.{d}f}"
     for s in summary:
-        lines.append(f"| {s['kind']} | {s['kbps']:g} | {s['codec']} | {s['files']} | {f(s['mel'])} | "
+        lines.append(f"| {s['kind']} | {s['kbps']:g} | {s['codec']} | {s['files']} | {f(s['mel'])} | {f(s.get('mel7'))} | "
                      f"{f(s['si_sdr'], 2)} | {f(s['stoi'])} | {f(s['visqol'], 2)} | {f(s.get('tones'))} | "
                      f"{f(s['actual_kbps'], 2)} | "
                      f"{f(s['enc_xrt'], 0)} | {f(s['dec_xrt'], 0)} |")
@@ -308,6 +322,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--out-dir", type=Path, default=Path(".data/eval"))
     ap.add_argument("--merge", type=Path, nargs="+", default=None,
                     help="only merge the results.csv of earlier runs (same references) into --out-dir")
+    ap.add_argument("--native", action="store_true", help="score at each reference's own rate (the restored "
+                    "file a user compares), not at 24 kHz")
     ap.add_argument("--bench-seconds", type=float, default=30.0, help="throughput benchmark length (0: skip)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -318,7 +334,7 @@ def main(argv=None) -> list[dict]:
 
     root = args.dir or corpus.fetch()
     refs = load_references(root, args.max_files, args.seconds, heldout_only=not args.all_files,
-                           seed=args.seed, min_seconds=args.min_seconds)
+                           seed=args.seed, min_seconds=args.min_seconds, rate=None if args.native else RATE)
     if not refs:
         raise SystemExit(f"no usable audio under {root}")
     use_visqol = not args.no_visqol and metrics.visqol_available()
@@ -339,19 +355,19 @@ def main(argv=None) -> list[dict]:
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         for ref in refs:
-            x = ref["audio"]
+            x, rate = ref["audio"], ref["rate"]
             for kbps in args.bitrates:
-                runs = [(name, lambda c=c: run_neural(c, x, kbps)) for name, c in codecs.items()]
-                runs += [(b, lambda b=b: run_ffmpeg(b, x, kbps, tmp)) for b in baselines]
+                runs = [(name, lambda c=c: run_neural(c, x, kbps, rate)) for name, c in codecs.items()]
+                runs += [(b, lambda b=b: run_ffmpeg(b, x, kbps, tmp, rate)) for b in baselines]
                 for name, fn in runs:
                     res = fn()
                     if res is None:
                         continue
                     y, actual, exrt, dxrt = res
                     row = {"file": ref["name"], "kind": ref["kind"], "codec": name, "kbps": kbps,
-                           "seconds": round(len(x) / RATE, 2), "actual_kbps": actual, "enc_xrt": exrt,
+                           "rate": rate, "seconds": round(len(x) / rate, 2), "actual_kbps": actual, "enc_xrt": exrt,
                            "dec_xrt": dxrt}
-                    row.update(score(x, y, ref["kind"], use_visqol, args.visqol_seconds))
+                    row.update(score(x, y, ref["kind"], use_visqol, args.visqol_seconds, rate))
                     rows.append(row)
                     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
                           flush=True)

@@ -3,7 +3,9 @@
 All functions take mono float arrays (numpy ``[T]`` or ``[1, T]``, or torch tensors) at ``rate``.
 
 * ``mel_distance``: multi-scale log-mel spectral distance (mean |log10 mel_ref - log10 mel_deg| over
-  STFT sizes 512/1024/2048; 0 = identical, lower is better).
+  STFT sizes 512/1024/2048; 0 = identical, lower is better). ``mel7_distance``: the 7-scale variant issue 20
+  measures with (STFT 32 to 2048 points, magnitude mel, a floor of 1e-5: fine time and fine frequency detail and
+  quiet regions count), summed over scales.
 * ``si_sdr``: scale-invariant signal-to-distortion ratio in dB (higher is better).
 * ``stoi``: short-time objective intelligibility (pystoi; 0..1), meant for speech; ``stoi_bands``: the same
   score per one-third-octave band (150 Hz - 3.8 kHz), whose mean is ``stoi``: where intelligibility is lost.
@@ -86,6 +88,49 @@ def mel_distance(ref, deg, rate: int) -> float:
         r = torch.from_numpy(ref).float()[None]
         d = torch.from_numpy(deg).float()[None]
         return float(multiscale_mel_loss(r, d, rate))
+
+
+#: (window = n_fft, n_mels) of ``mel7_distance``: 32 to 2048 points (1.3 to 85 ms at 24 kHz), hop a quarter window
+MEL7_SCALES = tuple(zip((32, 64, 128, 256, 512, 1024, 2048), (5, 10, 20, 40, 80, 160, 320)))
+
+
+def _slaney_mel(f):
+    f = np.asarray(f, dtype=np.float64)
+    return np.where(f < 1000.0, f * 3.0 / 200.0, 15.0 + np.log(np.maximum(f, 1e-9) / 1000.0) * 27.0 / np.log(6.4))
+
+
+def _slaney_hz(m):
+    m = np.asarray(m, dtype=np.float64)
+    return np.where(m < 15.0, m * 200.0 / 3.0, 1000.0 * np.exp((m - 15.0) * np.log(6.4) / 27.0))
+
+
+@functools.lru_cache(maxsize=64)
+def _slaney_fb(rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
+    """Slaney-style (librosa's default) triangular mel filterbank ``[n_mels, n_fft//2+1]``, area-normalised."""
+    freqs = np.linspace(0, rate / 2, n_fft // 2 + 1)
+    pts = _slaney_hz(np.linspace(_slaney_mel(0.0), _slaney_mel(rate / 2), n_mels + 2))
+    lo = (freqs[None, :] - pts[:-2, None]) / np.diff(pts)[:-1, None]
+    hi = (pts[2:, None] - freqs[None, :]) / np.diff(pts)[1:, None]
+    fb = np.maximum(0.0, np.minimum(lo, hi)) * (2.0 / (pts[2:] - pts[:-2]))[:, None]
+    return torch.from_numpy(fb).float()
+
+
+def mel7_distance(ref, deg, rate: int, eps: float = 1e-5) -> float:
+    """Sum over ``MEL7_SCALES`` of mean |log10 max(mel_ref, eps) - log10 max(mel_deg, eps)|, mel of the STFT
+    magnitude (Hann window, hop a quarter of it; lower is better, 0 for identical signals). With 2048 points and
+    320 mels it resolves harmonics and comb-like spectra; with 32 points, 1.3 ms transients; the low floor makes
+    quiet passages and quiet high bands count."""
+    ref, deg = _align(ref, deg)
+    total = 0.0
+    with torch.no_grad():
+        r = torch.from_numpy(ref).float()
+        d = torch.from_numpy(deg).float()
+        for n_fft, n_mels in MEL7_SCALES:
+            win = torch.hann_window(n_fft)
+            fb = _slaney_fb(rate, n_fft, n_mels)
+            mr, md = (fb @ torch.stft(v, n_fft, n_fft // 4, window=win, return_complex=True).abs() for v in (r, d))
+            total += float((mr.clamp(min=eps).log10() - md.clamp(min=eps).log10()).abs().mean())
+    return total
 
 
 def si_sdr(ref, deg, eps: float = 1e-10) -> float:

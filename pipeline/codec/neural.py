@@ -30,6 +30,11 @@ the shared decoder's look-back, so ``encode_context`` grows by its 32 frames) an
 padding code is then the (stored) code of digital silence, and frames of digital silence get it at every rate, so
 the encoder's base and the decoder's agree at a file's start.
 
+*Bin spreading* (codec version 4, release 8): a checkpoint may carry ``bin_spread.*`` (``binspread.py``); each
+decoded frame's bins from ``bin_spread.first_bin`` up then get the root-mean-square magnitude of their neighbourhood
+(signs kept), which fills the fixed comb of near-empty bins the decoder leaves above a few kHz. It acts on the
+decoded coefficients before the band gains, in ``decode`` and in the encoder's decode of its own base alike.
+
 *Rung decoders*: a checkpoint may carry, beside the shared decoder, a dedicated decoder for one rung
 (``rung_decoders.<K>``: the shared decoder's shape, optionally with more residual blocks: a longer look-back,
 which widens ``decode_context[0]``; and optionally symmetric *look-ahead* blocks, which widen both sides of
@@ -51,6 +56,7 @@ from torch import nn
 
 from ..errors import CodecUnavailableError
 from .bandgain import BandGains, bark_edges
+from .binspread import BinSpread
 from .base import Codec
 from .mdct import MDCT
 from .rvq import ResidualVQ
@@ -135,8 +141,9 @@ class NeuralRvqCodec(Codec):
 
     name = "neural_rvq"
     #: 2: sign dither above dither_from_hz (decoded audio differs from version 1 there); 3: weights may carry band
-    #: gains (``set_band_gains``), which then code the stages past their base (weights without them decode as in 2)
-    version = "3"
+    #: gains (``set_band_gains``), which then code the stages past their base (weights without them decode as in 2);
+    #: 4: weights may carry a bin spread (``set_bin_spread``; weights without one decode as in 3)
+    version = "4"
     sample_rate = 24000
     hop_length = 320
     codebook_size = 1024
@@ -178,6 +185,7 @@ class NeuralRvqCodec(Codec):
         # per-bin scale of the companded coefficients (1 / std over training data); set by training
         self.register_buffer("feat_scale", torch.ones(hop))
         self.band_gains = None  # optional gain stages after the first ``band_gains.base`` (see set_band_gains)
+        self.bin_spread = None  # optional evening-out of the decoded high bins (see set_bin_spread)
         self._set_encode_context()
         self._set_decode_context()
 
@@ -247,6 +255,8 @@ class NeuralRvqCodec(Codec):
                                     torch.zeros(16, 16, dtype=torch.int64))
             except ValueError:  # not this codec's shape: load_weights builds the file's own
                 pass
+        if "bin_spread.first_bin" in keys and self.bin_spread is None:  # placeholder; load_weights sets the file's
+            self.set_bin_spread(self.hop_length // 2, 3)
 
     def load_weights(self, state: dict, where: str = "checkpoint") -> None:
         """Load a checkpoint, first adding the rung decoders and band gains it carries (``prepare_weights``)."""
@@ -258,7 +268,31 @@ class NeuralRvqCodec(Codec):
                                     sd["band_gains.silence_codes"])
             except (KeyError, ValueError, TypeError, RuntimeError) as e:
                 raise CodecUnavailableError(f"{where}: unusable band gains ({e})") from None
+        if "bin_spread.first_bin" in sd:
+            try:
+                self.set_bin_spread(int(sd["bin_spread.first_bin"]), int(sd["bin_spread.width"]))
+            except (KeyError, ValueError, TypeError, RuntimeError) as e:
+                raise CodecUnavailableError(f"{where}: unusable bin spread ({e})") from None
         self.load_state_dict(sd)
+
+    # -- bin spread ----------------------------------------------------------------------------
+    def set_bin_spread(self, first_bin: int, width: int) -> BinSpread:
+        """Even out each decoded frame's energy over ``width`` neighbouring bins from ``first_bin`` up
+        (``binspread.BinSpread``), in ``decode`` and in the band-gain encoder's decode of its base."""
+        self.bin_spread = BinSpread(first_bin, width, self.hop_length).to(self.feat_scale.device)
+        return self.bin_spread
+
+    def clear_bin_spread(self) -> bool:
+        """Drop the bin spread; True if there was one."""
+        had = self.bin_spread is not None
+        self.bin_spread = None
+        return had
+
+    def decoded_coeffs(self, y: torch.Tensor) -> torch.Tensor:
+        """A decoder's output ``y: [B, hop, F]`` (normalised, companded) -> MDCT coefficients ``[B, hop, F]``, spread
+        (``bin_spread``) when the weights carry a spread; before any band gains."""
+        coeffs = self.unfeatures(y)
+        return coeffs if self.bin_spread is None else self.bin_spread(coeffs)
 
     # -- band gains ----------------------------------------------------------------------------
     def set_band_gains(self, edges, levels, base_stages: int = 16, silence_codes=None) -> BandGains:
@@ -369,7 +403,7 @@ class NeuralRvqCodec(Codec):
         y = self.decoder_for(bg.base)(self.rvq.decode(codes))  # [B, hop, b - a]
         el = self.encoder.rf[0]
         target = self.mdct(wav[:, 0, :])[..., back + el: back + el + y.shape[-1]]
-        gains = bg.encode(target, self.unfeatures(y), n_q - bg.base)
+        gains = bg.encode(target, self.decoded_coeffs(y), n_q - bg.base)
         return torch.cat([codes[..., back:], gains], dim=1)
 
     def _silence_padded(self, codes: torch.Tensor, wav: torch.Tensor) -> torch.Tensor:
@@ -397,7 +431,7 @@ class NeuralRvqCodec(Codec):
         y = dec(z[..., dl - dec.rf[0]: z.shape[-1] - (dr - dec.rf[1])])  # [B, hop, b - a + 1] = MDCT frames a..b
         if self.dither_signs:
             y = y * self.dither(codes[:, :k], y.shape[-1])
-        coeffs = self.unfeatures(y)
+        coeffs = self.decoded_coeffs(y)
         if k < codes.shape[1]:  # band gains of MDCT frames a..b (code frames dl .. dl + b - a)
             coeffs = coeffs * self.band_gains.scale(codes[:, k:, dl: dl + y.shape[-1]], self.hop_length)
         return self.synthesize(coeffs)

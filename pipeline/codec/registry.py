@@ -171,6 +171,34 @@ def _codec_from(name: str, state: dict, path: Path) -> Codec:
     return codec
 
 
+def write_extended(codec: Codec, src: str | Path | None, prefix: str, info: dict | None, out: Path,
+                   name: str = "neural_rvq") -> str:
+    """Write ``out``: the weights file ``src`` (default: the shipped one) as stored (float16 rung decoders stay
+    float16) plus ``codec``'s tensors whose keys start with ``prefix`` (e.g. fitted ``band_gains.`` tables) and
+    ``info`` as ``config[prefix without the dot]`` (``None``: that entry removed), packed; checks it loads back as
+    ``codec``. Returns its hash."""
+    import torch
+
+    from . import packing
+    src_state = read_weights(src or spec(name).default_weights, name)
+    model = dict(src_state.get("model", src_state))
+    model = {k: v for k, v in model.items() if not k.startswith(prefix)}
+    model.update({k: v.detach().clone() for k, v in codec.state_dict().items() if k.startswith(prefix)})
+    config = {k: v for k, v in src_state.get("config", {}).items() if k != prefix.rstrip(".")}
+    if info is not None:
+        config[prefix.rstrip(".")] = info
+    state = {"model": model, "config": config}
+    if "step" in src_state:
+        state["step"] = src_state["step"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    packing.pack_file(out)
+    back = load(name, out)
+    if back.checkpoint_hash() != codec.checkpoint_hash():
+        raise AssertionError(f"{out}: does not load back as the codec it was written from")
+    return back.checkpoint_hash()
+
+
 # -- delta weights files --------------------------------------------------------------------------------
 # An earlier release that shares most tensors with another shipped file is stored as only what differs: the
 # package stays small enough to ship with a Ray job (a runtime env upload is capped at 100 MiB). A delta's
