@@ -51,12 +51,14 @@ register(CodecSpec("mdct_rvq", "MDCT frames + residual k-means codebooks learned
                    _mdct_rvq, WEIGHTS_DIR / "mdct_rvq.pt"))
 
 # Only the current release ships in full: an archive carries the exact weights it was made with
-# (archive/weights.py). Release 6 ships beside it as a 2 KiB delta (release 7 less its band gains), so archives of
-# format 1 made with it restore as they did; earlier releases live in the repository's deploy/weights/ for archives
-# made before archives carried them (`audioarc adopt-weights DEST deploy/weights/neural_rvq-<hash>.pt`).
+# (archive/weights.py). Release 7 ships beside it as a delta of a few hundred bytes (release 8 less its bin
+# spread), release 6 as a 2 KiB delta over release 7 (less its band gains), so archives of format 1 made with
+# release 6 restore as they did, and a codec loads release 7 by hash without its archive; earlier releases live in
+# the repository's deploy/weights/ for archives made before archives carried them
+# (`audioarc adopt-weights DEST deploy/weights/neural_rvq-<hash>.pt`).
 register(CodecSpec("neural_rvq", "MDCT-domain conv autoencoder + 16-stage RVQ + 16 band-gain stages, trained "
                    "(1.5-24 kbps)", _neural_rvq, WEIGHTS_DIR / "neural_rvq.pt",
-                   previous_weights=(WEIGHTS_DIR / "neural_rvq-011c0d1d.pt",)))
+                   previous_weights=(WEIGHTS_DIR / "neural_rvq-6fe03fa4.pt", WEIGHTS_DIR / "neural_rvq-011c0d1d.pt")))
 
 
 def _encodec_24khz() -> Codec:
