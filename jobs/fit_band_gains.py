@@ -98,7 +98,7 @@ def main(argv=None) -> Path:
     root = args.corpus or corpus.fetch()
     per_kind = {"speech": args.speech_files, "music": args.music_files, "other": args.other_files}
     codec, info = fit(args.weights, root, args.base, args.levels, per_kind, args.seconds, args.seed)
-    h = registry.write_extended(codec, args.weights, "band_gains.", info, args.out)
+    h = registry.write_extended(codec, args.weights, {"band_gains.": info}, args.out)
     print(json.dumps({"out": str(args.out), "checkpoint_hash": h, **info}))
     return args.out
 

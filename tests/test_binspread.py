@@ -106,22 +106,51 @@ def test_crafted_spreads_are_refused():
         tiny().load_weights({"model": sd}, "crafted.pt")
 
 
-def test_set_bin_spread_job_adds_and_removes_it(tmp_path):
-    from jobs import set_bin_spread
+def test_decode_rules_job_sets_and_removes_them(tmp_path):
+    from jobs import set_decode_rules
     r6 = registry.WEIGHTS_DIR / "neural_rvq-011c0d1d.pt"
-    out = set_bin_spread.main(["--weights", str(r6), "--out", str(tmp_path / "s.pt"), "--from-hz", "5000",
-                               "--width", "7"])
+    out = set_decode_rules.main(["--weights", str(r6), "--out", str(tmp_path / "s.pt"), "--spread-from-hz", "5000",
+                                 "--spread-width", "7", "--dither", "8:2000,16:1800,32:2500"])
     c, plain = registry.load("neural_rvq", out), registry.load("neural_rvq", r6)
     assert (int(c.bin_spread.first_bin), int(c.bin_spread.width)) == (134, 7)  # 134 x 37.5 Hz = 5025 Hz
+    assert c.dither_cutoffs.pairs() == ((8, 2000.0), (16, 1800.0), (32, 2500.0))
     keys = set(plain.state_dict())
-    assert set(c.state_dict()) - keys == {"bin_spread.first_bin", "bin_spread.width"}
+    assert set(c.state_dict()) - keys == {"bin_spread.first_bin", "bin_spread.width", "dither_cutoffs.table"}
     assert all(torch.equal(c.state_dict()[k], plain.state_dict()[k]) for k in keys)  # nothing else changed
     assert registry.read_weights(out)["config"]["bin_spread"]["width"] == 7
-    off = set_bin_spread.main(["--weights", str(out), "--out", str(tmp_path / "off.pt"), "--off"])
+    # an option left out keeps what the input has; removing both gives the input's hash back
+    only = set_decode_rules.main(["--weights", str(out), "--out", str(tmp_path / "o.pt"), "--no-dither-table"])
+    back = registry.load("neural_rvq", only)
+    assert back.dither_cutoffs is None and int(back.bin_spread.width) == 7
+    off = set_decode_rules.main(["--weights", str(only), "--out", str(tmp_path / "off.pt"), "--no-spread"])
     assert registry.load("neural_rvq", off).checkpoint_hash() == plain.checkpoint_hash()
-    assert "bin_spread" not in registry.read_weights(off)["config"]
-    with pytest.raises(SystemExit, match="width"):
-        set_bin_spread.main(["--weights", str(r6), "--out", str(tmp_path / "x.pt"), "--width", "4"])
+    assert not {"bin_spread", "dither_cutoffs"} & set(registry.read_weights(off)["config"])
+    for bad, match in ((["--spread-width", "4"], "spread-width"), (["--dither", "8:2000,4:1000"], "dither"),
+                       (["--dither", "8:2000"], "dither"), (["--dither", "eight"], "stage:Hz"), ([], "nothing to set")):
+        with pytest.raises(SystemExit, match=match):
+            set_decode_rules.main(["--weights", str(r6), "--out", str(tmp_path / "x.pt"), *bad])
+
+
+def test_dither_cutoffs_move_where_the_signs_change_and_travel_with_the_weights(tmp_path):
+    c = tiny()
+    x = signal(2.0, seed=3)
+    codes = torch.from_numpy(encode_array(c, x, 6))
+    n = codes.shape[2] - sum(c.decode_context) + 1
+    first = lambda s: int((s[0] != 1).any(-1).nonzero()[0])  # noqa: E731  (the first bin that ever flips)
+    built_in = c.dither(codes, n)
+    c.set_dither_cutoffs([(4, 1000.0), (8, 4000.0)])  # 6 stages: from 4 kHz instead of 1.5 kHz
+    moved = c.dither(codes, n)
+    k0 = int(np.ceil(4000 * 2 * c.hop_length / RATE))
+    assert bool((moved[:, :k0] == 1).all()) and torch.equal(moved[:, k0:], built_in[:, k0:])
+    assert first(built_in) == int(np.ceil(1500 * 2 * c.hop_length / RATE)) and first(moved) == k0
+    sd = c.state_dict()
+    back = tiny()
+    back.load_weights({"model": sd})
+    assert back.dither_cutoffs.pairs() == c.dither_cutoffs.pairs() and back.checkpoint_hash() == c.checkpoint_hash()
+    for table in ([[4, 1000.0]], [[8, 1000.0], [4, 500.0]], [[8, 99999.0]], [[8.5, 1000.0]], [[8, 1000, 3]]):
+        with pytest.raises(CodecUnavailableError, match="dither cutoffs"):
+            tiny().load_weights({"model": dict(sd, **{"dither_cutoffs.table": torch.tensor(table)})}, "crafted.pt")
+    assert c.clear_dither_cutoffs() and c.checkpoint_hash() == tiny().checkpoint_hash()
 
 
 def test_shipped_release_spreads_its_high_bins():

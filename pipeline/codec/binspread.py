@@ -11,7 +11,8 @@ log-mel distance at fine frequency resolution (2048-point STFT) sees the comb: o
 ``BinSpread`` replaces the magnitude of every bin from ``first_bin`` up by the root mean square of the ``width``
 bins centred on it (mirrored at ``first_bin`` and at the top bin), keeping each coefficient's sign: the energy of
 each neighbourhood stays, the holes between the comb's teeth fill, and the decoder's signs (its temporal shape
-inside a frame) are kept. It reads one frame at a time, so windowed decoding stays exact.
+inside a frame) are kept. It reads one frame at a time, so windowed decoding stays exact. Weights get one with
+``python -m jobs.set_decode_rules``.
 
 Tensors: ``coeffs: [B, n_bins, F]`` MDCT coefficients (``F`` frames).
 """

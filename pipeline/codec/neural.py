@@ -33,7 +33,9 @@ the encoder's base and the decoder's agree at a file's start.
 *Bin spreading* (codec version 4, release 8): a checkpoint may carry ``bin_spread.*`` (``binspread.py``); each
 decoded frame's bins from ``bin_spread.first_bin`` up then get the root-mean-square magnitude of their neighbourhood
 (signs kept), which fills the fixed comb of near-empty bins the decoder leaves above a few kHz. It acts on the
-decoded coefficients before the band gains, in ``decode`` and in the encoder's decode of its own base alike.
+decoded coefficients before the band gains, in ``decode`` and in the encoder's decode of its own base alike. Such
+weights may also carry their own sign-dither cutoffs (``dither_cutoffs.table``, ``set_dither_cutoffs``), which then
+replace ``dither_from_hz`` (release 8: 9-16 stages from 2 kHz).
 
 *Rung decoders*: a checkpoint may carry, beside the shared decoder, a dedicated decoder for one rung
 (``rung_decoders.<K>``: the shared decoder's shape, optionally with more residual blocks: a longer look-back,
@@ -136,13 +138,36 @@ class FrameNet(nn.Module):
         return self.out(F.elu(h))
 
 
+class DitherCutoffs(nn.Module):
+    """A weights file's own sign-dither cutoffs (``table [n, 2]``: rows of (largest stage count, Hz), stage counts
+    rising, the last covering every stage), replacing ``NeuralRvqCodec.dither_from_hz``."""
+
+    def __init__(self, pairs, n_q: int, sample_rate: int):
+        super().__init__()
+        t = torch.as_tensor(pairs, dtype=torch.float32)
+        if t.ndim != 2 or t.shape[1] != 2:
+            raise ValueError(f"dither cutoffs: a table of (stage count, Hz) rows, got shape {list(t.shape)}")
+        k, hz = t[:, 0], t[:, 1]
+        if not 1 <= t.shape[0] <= 16 or not bool((k == k.round()).all()) or bool((k[1:] <= k[:-1]).any()) \
+                or float(k[0]) < 1 or float(k[-1]) < n_q:
+            raise ValueError(f"dither cutoffs: 1-16 rows of rising whole stage counts, the last >= {n_q}, got "
+                             f"{t.tolist()}")
+        if not bool(torch.isfinite(hz).all()) or float(hz.min()) < 0 or float(hz.max()) > sample_rate / 2:
+            raise ValueError(f"dither cutoffs: frequencies must lie in [0, {sample_rate / 2:g}] Hz")
+        self.register_buffer("table", t)
+
+    def pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(hz)) for k, hz in self.table.tolist())
+
+
 class NeuralRvqCodec(Codec):
     """MDCT-domain conv autoencoder + RVQ (see the module docstring)."""
 
     name = "neural_rvq"
     #: 2: sign dither above dither_from_hz (decoded audio differs from version 1 there); 3: weights may carry band
     #: gains (``set_band_gains``), which then code the stages past their base (weights without them decode as in 2);
-    #: 4: weights may carry a bin spread (``set_bin_spread``; weights without one decode as in 3)
+    #: 4: weights may carry a bin spread (``set_bin_spread``) and their own dither cutoffs (``set_dither_cutoffs``;
+    #: weights without them decode as in 3)
     version = "4"
     sample_rate = 24000
     hop_length = 320
@@ -186,6 +211,7 @@ class NeuralRvqCodec(Codec):
         self.register_buffer("feat_scale", torch.ones(hop))
         self.band_gains = None  # optional gain stages after the first ``band_gains.base`` (see set_band_gains)
         self.bin_spread = None  # optional evening-out of the decoded high bins (see set_bin_spread)
+        self.dither_cutoffs = None  # optional: the weights' own dither_from_hz (see set_dither_cutoffs)
         self._set_encode_context()
         self._set_decode_context()
 
@@ -273,7 +299,23 @@ class NeuralRvqCodec(Codec):
                 self.set_bin_spread(int(sd["bin_spread.first_bin"]), int(sd["bin_spread.width"]))
             except (KeyError, ValueError, TypeError, RuntimeError) as e:
                 raise CodecUnavailableError(f"{where}: unusable bin spread ({e})") from None
+        if "dither_cutoffs.table" in sd:
+            try:
+                self.set_dither_cutoffs(sd["dither_cutoffs.table"].tolist())
+            except (ValueError, TypeError, RuntimeError, AttributeError) as e:
+                raise CodecUnavailableError(f"{where}: unusable dither cutoffs ({e})") from None
         self.load_state_dict(sd)
+
+    def set_dither_cutoffs(self, pairs) -> DitherCutoffs:
+        """Dither decoded bins from these frequencies up instead of ``dither_from_hz``'s: ``pairs`` of (largest stage
+        count, Hz), e.g. ``((4, 1000), (6, 1500), (16, 2000), (32, 2500))``."""
+        self.dither_cutoffs = DitherCutoffs(pairs, self.n_q, self.sample_rate).to(self.feat_scale.device)
+        return self.dither_cutoffs
+
+    def clear_dither_cutoffs(self) -> bool:
+        had = self.dither_cutoffs is not None
+        self.dither_cutoffs = None
+        return had
 
     # -- bin spread ----------------------------------------------------------------------------
     def set_bin_spread(self, first_bin: int, width: int) -> BinSpread:
@@ -440,7 +482,7 @@ class NeuralRvqCodec(Codec):
 
     def dither(self, codes: torch.Tensor, n_frames: int) -> torch.Tensor:
         """``[B, hop, n_frames]`` of +-1 (float): the sign ``decode`` gives decoded MDCT frame ``j`` (codes frame
-        ``decode_context[0] + j``) in the bins from ``dither_from_hz`` up (1 below): one pseudo-random sign per frame,
+        ``decode_context[0] + j``) in the bins from ``dither_from_hz`` (or the weights' ``dither_cutoffs``) up (1 below): one pseudo-random sign per frame,
         a hash of the codes of that frame and of the one before (their first ``dither_stages`` stages). It needs no more context than the
         decoder reads (windowed decoding stays exact) and is the same on every device (integer arithmetic). Within a
         frame the decoder's coefficients keep their relative signs (its spectral and temporal shape); across frames
@@ -448,7 +490,8 @@ class NeuralRvqCodec(Codec):
         Stationary noise gets codes that differ from frame to frame; only identical code pairs repeat their sign
         (e.g. digital silence, which decodes ~100 dB down)."""
         n_q, hop, P = codes.shape[1], self.hop_length, self._P
-        hz = next((f for k, f in self.dither_from_hz if n_q <= k), self.dither_from_hz[-1][1])
+        table = self.dither_from_hz if self.dither_cutoffs is None else self.dither_cutoffs.pairs()
+        hz = next((f for k, f in table if n_q <= k), table[-1][1])
         k0 = min(hop, math.ceil(hz * 2 * hop / self.sample_rate))  # first bin whose lower edge is >= hz
         dl = self.decode_context[0]
         c = codes[..., dl - 1: dl + n_frames].to(torch.int64)  # [B, K, n_frames + 1]: the frame before, then each

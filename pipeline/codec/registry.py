@@ -173,22 +173,25 @@ def _codec_from(name: str, state: dict, path: Path) -> Codec:
     return codec
 
 
-def write_extended(codec: Codec, src: str | Path | None, prefix: str, info: dict | None, out: Path,
+def write_extended(codec: Codec, src: str | Path | None, parts: dict[str, dict | None], out: Path,
                    name: str = "neural_rvq") -> str:
     """Write ``out``: the weights file ``src`` (default: the shipped one) as stored (float16 rung decoders stay
-    float16) plus ``codec``'s tensors whose keys start with ``prefix`` (e.g. fitted ``band_gains.`` tables) and
-    ``info`` as ``config[prefix without the dot]`` (``None``: that entry removed), packed; checks it loads back as
-    ``codec``. Returns its hash."""
+    float16), with, for each ``prefix, info`` of ``parts``, its tensors whose keys start with ``prefix`` replaced by
+    ``codec``'s (e.g. fitted ``band_gains.`` tables; none when ``codec`` has none) and ``info`` as
+    ``config[prefix without the dot]`` (``None``: that entry removed); packed, and checked to load back as
+    ``codec``. Returns its checkpoint hash."""
     import torch
 
     from . import packing
     src_state = read_weights(src or spec(name).default_weights, name)
     model = dict(src_state.get("model", src_state))
-    model = {k: v for k, v in model.items() if not k.startswith(prefix)}
-    model.update({k: v.detach().clone() for k, v in codec.state_dict().items() if k.startswith(prefix)})
-    config = {k: v for k, v in src_state.get("config", {}).items() if k != prefix.rstrip(".")}
-    if info is not None:
-        config[prefix.rstrip(".")] = info
+    config = dict(src_state.get("config", {}))
+    for prefix, info in parts.items():
+        model = {k: v for k, v in model.items() if not k.startswith(prefix)}
+        model.update({k: v.detach().clone() for k, v in codec.state_dict().items() if k.startswith(prefix)})
+        config.pop(prefix.rstrip("."), None)
+        if info is not None:
+            config[prefix.rstrip(".")] = info
     state = {"model": model, "config": config}
     if "step" in src_state:
         state["step"] = src_state["step"]
