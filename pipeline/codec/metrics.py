@@ -33,12 +33,25 @@ def _mel_to_hz(m):
     return 700.0 * (10.0 ** (np.asarray(m, dtype=np.float64) / 2595.0) - 1.0)
 
 
-@functools.lru_cache(maxsize=32)
-def _mel_fb_np(rate: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None) -> np.ndarray:
-    """Triangular (HTK, area-normalised) mel filterbank ``[n_mels, n_fft//2+1]``."""
+def _slaney_mel(f):
+    f = np.asarray(f, dtype=np.float64)
+    return np.where(f < 1000.0, f * 3.0 / 200.0, 15.0 + np.log(np.maximum(f, 1e-9) / 1000.0) * 27.0 / np.log(6.4))
+
+
+def _slaney_hz(m):
+    m = np.asarray(m, dtype=np.float64)
+    return np.where(m < 15.0, m * 200.0 / 3.0, 1000.0 * np.exp((m - 15.0) * np.log(6.4) / 27.0))
+
+
+@functools.lru_cache(maxsize=64)
+def _mel_fb_np(rate: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None,
+               slaney: bool = False) -> np.ndarray:
+    """Triangular area-normalised mel filterbank ``[n_mels, n_fft//2+1]`` on the HTK mel scale, or with ``slaney``
+    on Slaney's (librosa's default: linear below 1 kHz, logarithmic above)."""
+    to_mel, to_hz = (_slaney_mel, _slaney_hz) if slaney else (_hz_to_mel, _mel_to_hz)
     fmax = fmax or rate / 2
     freqs = np.linspace(0, rate / 2, n_fft // 2 + 1)
-    pts = _mel_to_hz(np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), n_mels + 2))
+    pts = to_hz(np.linspace(to_mel(fmin), to_mel(fmax), n_mels + 2))
     fb = np.zeros((n_mels, len(freqs)))
     for i in range(n_mels):
         lo, c, hi = pts[i], pts[i + 1], pts[i + 2]
@@ -95,27 +108,6 @@ def mel_distance(ref, deg, rate: int) -> float:
 MEL7_SCALES = tuple(zip((32, 64, 128, 256, 512, 1024, 2048), (5, 10, 20, 40, 80, 160, 320)))
 
 
-def _slaney_mel(f):
-    f = np.asarray(f, dtype=np.float64)
-    return np.where(f < 1000.0, f * 3.0 / 200.0, 15.0 + np.log(np.maximum(f, 1e-9) / 1000.0) * 27.0 / np.log(6.4))
-
-
-def _slaney_hz(m):
-    m = np.asarray(m, dtype=np.float64)
-    return np.where(m < 15.0, m * 200.0 / 3.0, 1000.0 * np.exp((m - 15.0) * np.log(6.4) / 27.0))
-
-
-@functools.lru_cache(maxsize=64)
-def _slaney_fb(rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
-    """Slaney-style (librosa's default) triangular mel filterbank ``[n_mels, n_fft//2+1]``, area-normalised."""
-    freqs = np.linspace(0, rate / 2, n_fft // 2 + 1)
-    pts = _slaney_hz(np.linspace(_slaney_mel(0.0), _slaney_mel(rate / 2), n_mels + 2))
-    lo = (freqs[None, :] - pts[:-2, None]) / np.diff(pts)[:-1, None]
-    hi = (pts[2:, None] - freqs[None, :]) / np.diff(pts)[1:, None]
-    fb = np.maximum(0.0, np.minimum(lo, hi)) * (2.0 / (pts[2:] - pts[:-2]))[:, None]
-    return torch.from_numpy(fb).float()
-
-
 def mel7_distance(ref, deg, rate: int, eps: float = 1e-5) -> float:
     """Sum over ``MEL7_SCALES`` of mean |log10 max(mel_ref, eps) - log10 max(mel_deg, eps)|, mel of the STFT
     magnitude (Hann window, hop a quarter of it; lower is better, 0 for identical signals). With 2048 points and
@@ -128,7 +120,7 @@ def mel7_distance(ref, deg, rate: int, eps: float = 1e-5) -> float:
         d = torch.from_numpy(deg).float()
         for n_fft, n_mels in MEL7_SCALES:
             win = torch.hann_window(n_fft)
-            fb = _slaney_fb(rate, n_fft, n_mels)
+            fb = torch.from_numpy(_mel_fb_np(rate, n_fft, n_mels, slaney=True))
             mr, md = (fb @ torch.stft(v, n_fft, n_fft // 4, window=win, return_complex=True).abs() for v in (r, d))
             total += float((mr.clamp(min=eps).log10() - md.clamp(min=eps).log10()).abs().mean())
     return total

@@ -281,8 +281,6 @@ class NeuralRvqCodec(Codec):
                                     torch.zeros(16, 16, dtype=torch.int64))
             except ValueError:  # not this codec's shape: load_weights builds the file's own
                 pass
-        if "bin_spread.first_bin" in keys and self.bin_spread is None:  # placeholder; load_weights sets the file's
-            self.set_bin_spread(self.hop_length // 2, 3)
 
     def load_weights(self, state: dict, where: str = "checkpoint") -> None:
         """Load a checkpoint, first adding the rung decoders and band gains it carries (``prepare_weights``)."""

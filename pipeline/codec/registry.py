@@ -51,8 +51,8 @@ register(CodecSpec("mdct_rvq", "MDCT frames + residual k-means codebooks learned
                    _mdct_rvq, WEIGHTS_DIR / "mdct_rvq.pt"))
 
 # Only the current release ships in full: an archive carries the exact weights it was made with
-# (archive/weights.py). Release 7 ships beside it as a delta of a few hundred bytes (release 8 less its bin
-# spread), release 6 as a 2 KiB delta over release 7 (less its band gains), so archives of format 1 made with
+# (archive/weights.py). Release 7 ships beside it as a 1.8 KiB delta (release 8 less its bin spread and
+# dither cutoffs), release 6 as a 2 KiB delta over release 7 (less its band gains), so archives of format 1 made with
 # release 6 restore as they did, and a codec loads release 7 by hash without its archive; earlier releases live in
 # the repository's deploy/weights/ for archives made before archives carried them
 # (`audioarc adopt-weights DEST deploy/weights/neural_rvq-<hash>.pt`).
