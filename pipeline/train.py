@@ -85,6 +85,7 @@ class TrainConfig:
     other_fraction: float = 0.5
     p_full: float = 0.3
     w_env: float = 0.0
+    w_mel7: float = 0.0
     rung_weights: tuple[float, ...] | None = None
     rung_decoder: int | None = None
     rung_extra_blocks: int = 0
@@ -103,7 +104,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         for name in ("steps", "max_minutes", "warmup_steps", "kmeans_iters", "w_time", "w_mdct", "w_env",
-                     "rung_extra_blocks", "rung_ahead_blocks"):
+                     "w_mel7", "rung_extra_blocks", "rung_ahead_blocks"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must not be negative")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -473,10 +474,13 @@ class _Run:
         else:
             self.val_nq = torch.full((len(self.val),), min(8, codec.n_q))
         self.val_key = "val_loss_rung" if rung else ("val_mel_rungs" if self.fine_tune else "val_mel_6kbps")
+        if config.w_mel7 and not rung:
+            self.val_key += "+mel7"
         self.rng = random.Random(self.data_seed + self.step)
         self.t_start = time.time() - elapsed
         self.max_s = config.max_minutes * 60
-        self.loss_weights = {"w_time": config.w_time, "w_mdct": config.w_mdct, "w_env": config.w_env}
+        self.loss_weights = {"w_time": config.w_time, "w_mdct": config.w_mdct, "w_env": config.w_env,
+                             "w_mel7": config.w_mel7}
         self.logs_acc: dict[str, list[float]] = {}
 
     def save_ckpt(self) -> None:
@@ -513,8 +517,10 @@ class _Run:
             if self.rung:  # the training objective at that rung
                 _, vlogs = forward_rung_decoder(self.codec, self.val, self.rung, **self.loss_weights)
                 return vlogs["loss"]
-            _, vlogs = forward_train(self.codec, self.vq if self.vq.initialized else None, self.val, self.val_nq)
-            return vlogs["mel"]
+            w7 = self.config.w_mel7  # a run that weighs the 7-scale mel is also chosen by it
+            _, vlogs = forward_train(self.codec, self.vq if self.vq.initialized else None, self.val, self.val_nq,
+                                     w_mel7=w7)
+            return vlogs["mel"] + w7 * vlogs.get("mel7", 0.0)
 
     def score_base(self) -> None:
         """A fine-tune's released weights are the first candidate: score them and write them to ``--out``."""
@@ -658,7 +664,7 @@ def default_config(args) -> TrainConfig:
         run_dir=str(args.run_dir.resolve()), out=str(args.out.resolve()), resume=args.resume,
         reset_best=args.reset_best, restart_schedule=args.restart_schedule,
         init_from=str(args.init_from.resolve()) if args.init_from else None,
-        other_fraction=args.other_fraction, p_full=args.p_full, w_env=args.w_env,
+        other_fraction=args.other_fraction, p_full=args.p_full, w_env=args.w_env, w_mel7=args.w_mel7,
         rung_weights=tuple(args.rung_weights) if args.rung_weights else None,
         rung_decoder=args.rung_decoder, rung_extra_blocks=args.rung_extra_blocks,
         rung_ahead_blocks=args.rung_ahead_blocks, pair_search=args.pair_search, keep_codes=args.keep_codes,
@@ -792,6 +798,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(the multi-scale log-mel loss has weight 1)")
     ap.add_argument("--w-env", type=float, default=D.w_env, help="weight of the band-envelope correlation "
                     "(intelligibility) loss")
+    ap.add_argument("--w-mel7", type=float, default=D.w_mel7, help="weight of the 7-scale magnitude log-mel loss "
+                    "(metrics.mel7_loss: 32-2048 point STFTs, 5-320 bands); the best model is then chosen by the "
+                    "3-scale mel plus this weight times the 7-scale one")
     ap.add_argument("--other-fraction", type=float, default=D.other_fraction, help="share of training segments "
                     "drawn from non-music (speech, ambient) files")
     ap.add_argument("--p-full", type=float, default=D.p_full, help="quantizer dropout: share of examples "

@@ -517,7 +517,7 @@ def test_train_config_reads_saved_dicts_and_validates():
     older = {k: v for k, v in saved.items() if k != "w_env"} | {"from_another_version": 1}
     back = TrainConfig.from_dict(older)
     assert back == cfg and back.w_env == 0.0 and back.to_dict() == saved
-    for bad in ({"lr": -1e-3}, {"steps": -1}, {"ckpt_every": 0}, {"workers": 2, "use_ray": False}):
+    for bad in ({"lr": -1e-3}, {"steps": -1}, {"ckpt_every": 0}, {"workers": 2, "use_ray": False}, {"w_mel7": -1}):
         with pytest.raises(ConfigError, match="--" + next(iter(bad)).replace("_", "-")):
             replace(cfg, **bad).validate()
     with pytest.raises(SystemExit):  # on the command line: a usage error, before any data is read
@@ -565,13 +565,16 @@ def test_train_job_fine_tunes_from_released_weights(tmp_path):
     packing.pack_file(tmp_path / "w.pt")  # shipped files are packed: a fine-tune starts from one as well
     train_codec.main([*common, "--run-dir", str(tmp_path / "ft"), "--out", str(tmp_path / "ft.pt"), "--steps", "2",
                       "--init-from", str(tmp_path / "w.pt"), "--w-env", "1.0", "--other-fraction", "0.7",
-                      "--rung-weights", "1", "--p-full", "0.1"])
+                      "--rung-weights", "1", "--p-full", "0.1", "--w-mel7", "0.5"])
     log = (tmp_path / "ft" / "train.log").read_text()
     assert "initialised from" in log and "k-means init" not in log
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{") and '"env"' in line]
-    assert lines and all("util" in r for r in lines)  # quantizer on from the first step, env loss logged
+    assert lines and all("util" in r and r["mel7"] > 0 for r in lines)  # quantizer on from step 0, losses logged
+    val = [json.loads(line) for line in log.splitlines() if '"val_mel_rungs+mel7"' in line]
+    assert val and val[0]["base"]  # chosen by the 3-scale mel plus the weighted 7-scale one, base scored first
     ck = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)
     assert ck["step"] == 2 and ck["config"]["w_env"] == 1.0 and ck["config"]["rung_weights"] == (1.0,)
+    assert ck["config"]["w_mel7"] == 0.5
     tuned = torch.load(tmp_path / "ft.pt", weights_only=True)["model"]
     assert set(tuned) == set(released)
     assert any(not torch.equal(tuned[k], released[k]) for k in released)  # it trained
@@ -908,6 +911,23 @@ def test_mel7_distance_sees_what_it_should():
     m7 = metrics.mel7_distance(x, comb, RATE) / metrics.mel7_distance(x, louder, RATE)
     m3 = metrics.mel_distance(x, comb, RATE) / metrics.mel_distance(x, louder, RATE)
     assert m7 > 1.5 and m7 > 1.5 * m3, (m7, m3)
+
+
+def test_mel7_loss_is_the_distance_and_trains_through_silence():
+    """``mel7_loss`` (the training objective) gives ``mel7_distance`` on a batch, per example as the metric does,
+    and its gradient is finite where a signal is digital silence (a bin of exactly 0) and pulls a quieter copy up."""
+    rng = np.random.default_rng(2)
+    x = (0.1 * rng.standard_normal((2, RATE))).astype(np.float32)
+    y = (0.7 * x + 0.01 * rng.standard_normal(x.shape)).astype(np.float32)
+    want = np.mean([metrics.mel7_distance(a, b, RATE) for a, b in zip(x, y)])
+    got = metrics.mel7_loss(torch.from_numpy(y), torch.from_numpy(x), RATE)
+    assert abs(float(got) - want) < 1e-4 * want, (float(got), want)
+    silent = torch.zeros(1, RATE // 2)
+    silent[0, :1000] = 0.05  # silence after a burst: exact zeros in most STFT frames
+    dec = (0.5 * silent).requires_grad_(True)
+    metrics.mel7_loss(dec, silent, RATE).backward()
+    assert torch.isfinite(dec.grad).all() and dec.grad.abs().sum() > 0
+    assert float((dec.grad[0, :1000] * silent[0, :1000]).sum()) < 0  # descending it makes the burst louder
 
 
 # -- the shipped checkpoint --------------------------------------------------------------------------

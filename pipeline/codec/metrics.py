@@ -108,21 +108,30 @@ def mel_distance(ref, deg, rate: int) -> float:
 MEL7_SCALES = tuple(zip((32, 64, 128, 256, 512, 1024, 2048), (5, 10, 20, 40, 80, 160, 320)))
 
 
+def mel7_loss(x: torch.Tensor, y: torch.Tensor, rate: int, eps: float = 1e-5) -> torch.Tensor:
+    """``mel7_distance`` of ``x, y: [B, T]`` as a differentiable loss (a training objective; the mean over the
+    batch). Its magnitude is ``sqrt(max(power, 1e-12))``: the same as ``|X|`` down to 1e-6, far below the floor,
+    with a finite gradient where a bin is exactly 0."""
+    return _mel7(x, y, rate, eps, lambda spec: (spec.real.pow(2) + spec.imag.pow(2)).clamp_min(1e-12).sqrt())
+
+
 def mel7_distance(ref, deg, rate: int, eps: float = 1e-5) -> float:
     """Sum over ``MEL7_SCALES`` of mean |log10 max(mel_ref, eps) - log10 max(mel_deg, eps)|, mel of the STFT
     magnitude (Hann window, hop a quarter of it; lower is better, 0 for identical signals). With 2048 points and
     320 mels it resolves harmonics and comb-like spectra; with 32 points, 1.3 ms transients; the low floor makes
     quiet passages and quiet high bands count."""
     ref, deg = _align(ref, deg)
-    total = 0.0
     with torch.no_grad():
-        r = torch.from_numpy(ref).float()
-        d = torch.from_numpy(deg).float()
-        for n_fft, n_mels in MEL7_SCALES:
-            win = torch.hann_window(n_fft)
-            fb = torch.from_numpy(_mel_fb_np(rate, n_fft, n_mels, slaney=True))
-            mr, md = (fb @ torch.stft(v, n_fft, n_fft // 4, window=win, return_complex=True).abs() for v in (r, d))
-            total += float((mr.clamp(min=eps).log10() - md.clamp(min=eps).log10()).abs().mean())
+        return float(_mel7(torch.from_numpy(ref).float(), torch.from_numpy(deg).float(), rate, eps, torch.abs))
+
+
+def _mel7(x: torch.Tensor, y: torch.Tensor, rate: int, eps: float, magnitude) -> torch.Tensor:
+    total = x.new_zeros(())
+    for n_fft, n_mels in MEL7_SCALES:
+        win = torch.hann_window(n_fft, device=x.device, dtype=x.dtype)
+        fb = torch.from_numpy(_mel_fb_np(rate, n_fft, n_mels, slaney=True)).to(x.device)
+        mx, my = (fb @ magnitude(torch.stft(v, n_fft, n_fft // 4, window=win, return_complex=True)) for v in (x, y))
+        total = total + (mx.clamp(min=eps).log10() - my.clamp(min=eps).log10()).abs().mean()
     return total
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .mdct import perceptual_weight
-from .metrics import multiscale_mel_loss
+from .metrics import mel7_loss, multiscale_mel_loss
 from .neural import NeuralRvqCodec
 from .rvq import ResidualVQ, fit_residual_kmeans
 
@@ -236,7 +236,7 @@ def envelope_correlation_loss(x: torch.Tensor, y: torch.Tensor, rate: int, n_fft
 
 def forward_train(codec: NeuralRvqCodec, vq: EmaRvqTrainer | None, wav: torch.Tensor, n_q_items: torch.Tensor | None,
                   w_mel: float = 1.0, w_mdct: float = 1.0, w_commit: float = 0.25, w_time: float = 0.0,
-                  w_env: float = 0.0):
+                  w_env: float = 0.0, w_mel7: float = 0.0):
     """One training forward on ``wav: [B, (F+1)*hop]`` segments (zero-padded convolutions).
 
     ``vq=None`` (or an uninitialised quantizer) trains the plain autoencoder (warm-up).
@@ -251,7 +251,7 @@ def forward_train(codec: NeuralRvqCodec, vq: EmaRvqTrainer | None, wav: torch.Te
     else:
         zq = z
     y_hat = decode_per_rung(codec, zq, n_q_items if vq is not None and vq.initialized else None)
-    loss, logs = reconstruction_loss(codec, wav, y, y_hat, w_mel, w_mdct, w_time, w_env)
+    loss, logs = reconstruction_loss(codec, wav, y, y_hat, w_mel, w_mdct, w_time, w_env, w_mel7)
     loss = loss + w_commit * commit
     logs["commit"] = float(commit.detach())
     logs["loss"] = loss.item()
@@ -280,7 +280,7 @@ def decode_per_rung(codec: NeuralRvqCodec, zq: torch.Tensor, n_q_items: torch.Te
 
 
 def forward_rung_decoder(codec: NeuralRvqCodec, wav: torch.Tensor, n_q: int, w_mel: float = 1.0,
-                         w_mdct: float = 1.0, w_time: float = 0.0, w_env: float = 0.0):
+                         w_mdct: float = 1.0, w_time: float = 0.0, w_env: float = 0.0, w_mel7: float = 0.0):
     """Training forward of the dedicated decoder for ``n_q`` stages (``codec.rung_decoders[str(n_q)]``):
     the encoder and codebooks are frozen (run without gradients), so the codes are exactly what the
     shipped encoder produces and only that decoder learns. ``wav: [B, (F+1)*hop]``; returns ``(loss, logs)``."""
@@ -289,15 +289,17 @@ def forward_rung_decoder(codec: NeuralRvqCodec, wav: torch.Tensor, n_q: int, w_m
         z = codec.encoder(y, pad=True)
         zq = codec.rvq.decode(codec.rvq.encode(z, n_q))
     y_hat = codec.decoder_for(n_q)(zq, pad=True)
-    loss, logs = reconstruction_loss(codec, wav, y, y_hat, w_mel, w_mdct, w_time, w_env)
+    loss, logs = reconstruction_loss(codec, wav, y, y_hat, w_mel, w_mdct, w_time, w_env, w_mel7)
     logs["loss"] = loss.item()
     return loss, logs
 
 
 def reconstruction_loss(codec: NeuralRvqCodec, wav: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor,
-                        w_mel: float, w_mdct: float, w_time: float, w_env: float):
+                        w_mel: float, w_mdct: float, w_time: float, w_env: float, w_mel7: float = 0.0):
     """Weighted reconstruction losses of decoded features ``y_hat`` against ``y`` (both ``[B, hop, F]``,
-    normalised companded MDCT) and of the synthesized waveform against ``wav: [B, (F+1)*hop]``."""
+    normalised companded MDCT) and of the synthesized waveform against ``wav: [B, (F+1)*hop]``; ``w_mel7``
+    weighs the 7-scale magnitude mel (``metrics.mel7_loss``: 2048-point / 320-band detail, 1.3 ms transients,
+    quiet bands)."""
     hop = codec.hop_length
     # companded-domain L1 with perceptual weighting (undo the per-bin normalisation)
     w = perceptual_weight(hop, codec.sample_rate).to(wav.device)
@@ -319,6 +321,10 @@ def reconstruction_loss(codec: NeuralRvqCodec, wav: torch.Tensor, y: torch.Tenso
         e = envelope_correlation_loss(rec, ref, codec.sample_rate)
         loss = loss + w_env * e
         logs["env"] = e.item()
+    if w_mel7 > 0:
+        m7 = mel7_loss(rec, ref, codec.sample_rate)
+        loss = loss + w_mel7 * m7
+        logs["mel7"] = m7.item()
     return loss, logs
 
 
