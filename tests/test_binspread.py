@@ -94,6 +94,35 @@ def test_spread_travels_in_checkpoints_decode_only_and_archive_weights(tmp_path)
     assert c.clear_bin_spread() and c.checkpoint_hash() == with_gains().checkpoint_hash()  # without: as before
 
 
+def test_a_spread_limited_to_low_rungs_leaves_the_others_and_the_gain_base_alone(tmp_path):
+    """``max_stages`` (codec version 5, release 9): only decodes of at most that many RVQ stages are spread."""
+    plain = with_gains()
+    c = with_gains()
+    c.set_bin_spread(200, 9, max_stages=2)
+    assert c.checkpoint_hash() not in (plain.checkpoint_hash(), spread(with_gains()).checkpoint_hash())
+    x = signal(2.0, seed=5)
+    full = encode_array(c, x, 7)  # 4 RVQ stages + 3 band-gain stages
+    assert np.array_equal(full, encode_array(plain, x, 7))  # the gains' base (4 stages) is not spread
+    inside = slice(1, x.shape[1] // c.hop_length)
+    for k in (2, 4, 7):
+        a, b = decode_array(plain, full[:, :k], x.shape[1]), decode_array(c, full[:, :k], x.shape[1])
+        if k <= 2:
+            fa, fb = plain.frames_of(a[0])[..., inside], c.frames_of(b[0])[..., inside]
+            assert not torch.allclose(fa[:, 200:], fb[:, 200:], atol=1e-3 * float(fa.abs().max()))
+        else:
+            assert np.array_equal(a, b), k
+    torch.save({"model": c.state_dict()}, tmp_path / "w.pt")
+    back = with_gains()
+    back.load_weights(torch.load(tmp_path / "w.pt", weights_only=True))
+    assert back.checkpoint_hash() == c.checkpoint_hash() and int(back.bin_spread.max_stages) == 2
+    d = back.for_decoding(7)
+    assert np.array_equal(decode_array(d, full[:, :2], x.shape[1]), decode_array(c, full[:, :2], x.shape[1]))
+    for bad in (0, 9, -1):
+        crafted = dict(c.state_dict(), **{"bin_spread.max_stages": torch.tensor(bad)})
+        with pytest.raises(CodecUnavailableError, match="bin spread"):
+            with_gains().load_weights({"model": crafted}, "crafted.pt")
+
+
 def test_crafted_spreads_are_refused():
     sd = dict(spread(tiny()).state_dict())
     for key, value in (("bin_spread.width", torch.tensor(8)), ("bin_spread.first_bin", torch.tensor(-3)),
@@ -122,6 +151,13 @@ def test_decode_rules_job_sets_and_removes_them(tmp_path):
     only = set_decode_rules.main(["--weights", str(out), "--out", str(tmp_path / "o.pt"), "--no-dither-table"])
     back = registry.load("neural_rvq", only)
     assert back.dither_cutoffs is None and int(back.bin_spread.width) == 7
+    low = set_decode_rules.main(["--weights", str(only), "--out", str(tmp_path / "l.pt"), "--spread-max-stages", "2"])
+    lc = registry.load("neural_rvq", low)
+    assert (int(lc.bin_spread.first_bin), int(lc.bin_spread.width), int(lc.bin_spread.max_stages)) == (134, 7, 2)
+    assert lc.bin_spread.applies(2) and not lc.bin_spread.applies(4)
+    assert registry.read_weights(low)["config"]["bin_spread"]["max_stages"] == 2
+    every = set_decode_rules.main(["--weights", str(low), "--out", str(tmp_path / "e.pt"), "--spread-max-stages", "0"])
+    assert registry.load("neural_rvq", every).checkpoint_hash() == back.checkpoint_hash()  # 0: every rate again
     off = set_decode_rules.main(["--weights", str(only), "--out", str(tmp_path / "off.pt"), "--no-spread"])
     assert registry.load("neural_rvq", off).checkpoint_hash() == plain.checkpoint_hash()
     assert not {"bin_spread", "dither_cutoffs"} & set(registry.read_weights(off)["config"])
@@ -153,7 +189,7 @@ def test_dither_cutoffs_move_where_the_signs_change_and_travel_with_the_weights(
     assert c.clear_dither_cutoffs() and c.checkpoint_hash() == tiny().checkpoint_hash()
 
 
-def test_shipped_release_spreads_its_high_bins():
+def test_shipped_release_spreads_its_high_bins_where_its_decoder_leaves_a_comb():
     c = registry.load("neural_rvq")
     if c.bin_spread is None:
         pytest.skip("the shipped weights carry no bin spread")
@@ -161,7 +197,9 @@ def test_shipped_release_spreads_its_high_bins():
     x = (0.1 * rng.standard_normal(3 * RATE)).astype(np.float32)[None]  # white noise: every bin has energy
     want = (c.frames_of(x[0])[0, :, 2:-2] ** 2).mean(-1)
     k0 = int(c.bin_spread.first_bin) + 8
-    for k in (2, 8, 32):
+    rungs = [k for k in (2, 8, 32) if c.bin_spread.applies(k)]
+    assert 2 in rungs  # the 1.5 kbps decoder (release 8's in release 9) leaves a comb: it is spread
+    for k in rungs:
         got = (c.frames_of(decode_array(c, encode_array(c, x, k), x.shape[1])[0])[0, :, 2:-2] ** 2).mean(-1)
         # release 7 (no spread) left 84 % of these bins more than 20 dB under the original's energy
         assert float((got[k0:300] < 0.1 * want[k0:300]).float().mean()) < 0.1, k

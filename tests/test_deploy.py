@@ -116,7 +116,11 @@ def test_the_code_ray_uploads_with_a_job_stays_under_its_cap():
                    for pat in WORKING_DIR_EXCLUDES)
     size = sum((PACKAGE_ROOT / f).stat().st_size for f in files if f and not excluded(f))
     assert size < 50 * 2**20, f"{size / 2**20:.1f} MiB would be uploaded with a Ray job (cap 100 MiB)"
-    shipped = {p.name: p.stat().st_size for p in (PACKAGE_ROOT / "pipeline/codec/weights").glob("*.pt")}
-    full = sorted(name for name, n in shipped.items() if n > 2**20)
+    import torch
+    files = sorted((PACKAGE_ROOT / "pipeline/codec/weights").glob("*.pt"))
+    shipped = {p.name: p.stat().st_size for p in files}
+    full = [p.name for p in files if "delta_of" not in torch.load(p, weights_only=True, map_location="cpu")]
     assert full == ["mdct_rvq.pt", "neural_rvq.pt"]  # one full checkpoint per codec: the current one
-    assert all(n < 64 * 2**10 for name, n in shipped.items() if name not in full), shipped  # the rest: tiny deltas
+    # the rest: deltas, of a few tensors (KiB) or of one shared decoder (release 8 over 9: 3.8 MiB)
+    assert all(n < 5 * 2**20 for name, n in shipped.items() if name not in full), shipped
+    assert sum(n for name, n in shipped.items() if name not in full) < 8 * 2**20, shipped

@@ -941,17 +941,19 @@ def test_shipped_weights_roundtrip(shipped):
     x = chirp(2.0) + 0.2 * np.sin(2 * np.pi * 330 * np.arange(2 * RATE) / RATE).astype(np.float32)
     x = (x + 0.02 * rng.standard_normal(len(x)).astype(np.float32))[None]
     snr, mel = {}, {}
-    for n_q in (2, 8, 32):
+    for n_q in (2, 8, 16, 32):
         codes = encode_array(c, x, n_q)
         y = decode_array(c, codes, x.shape[1])
         assert y.shape == x.shape and np.isfinite(y).all()
         snr[n_q] = 10 * np.log10(np.sum(x ** 2) / np.sum((x - y) ** 2))
         mel[n_q] = metrics.mel_distance(x, y, RATE)
-    assert mel[32] < mel[8] < mel[2] < 1.0, mel
+    assert mel[32] < mel[16] < mel[8] < mel[2] < 1.0, mel
     assert mel[32] < 0.7, mel
     # the codec is perceptual (log-mel + companded-MDCT losses, no waveform term): its waveform SNR is low
-    # (~2 dB on this signal with the shipped weights); this guards against regressions, not a target
-    assert snr[32] > snr[2] and snr[32] > 1.0, snr
+    # (~2.6 dB at 16 stages on this signal with the shipped weights); this guards against regressions, not a
+    # target. The RVQ stages refine the waveform; the band-gain stages of 24 kbps set band energies, not signs, and
+    # cost some of it (32 stages: release 8 1.3 dB, release 9 1.1 dB, for a lower mel and 7-scale mel)
+    assert snr[16] > snr[8] > snr[2] and snr[32] > 0.8, snr
     # windowed encode of the trained model matches whole-signal encode
     a = encode_array(c, x, 8, window_frames=1500)
     b = encode_array(c, x, 8, window_frames=37)

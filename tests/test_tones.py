@@ -130,8 +130,8 @@ def test_shipped_codec_adds_no_tones_at_any_rung():
             c.dither_signs, c.bin_spread = True, spread
             after = metrics.tonal_peak_share(x, decode_array(c, codes, x.size)[0], RATE)
             assert after < 0.05, (n_q, before, after)
-            if x.std() > 0.04:  # stationary noise: the shipped decoder's fixed-sign bands were a comb of tones
-                assert before > 0.3, (n_q, before)
+            if x.std() > 0.04:  # without the dither the decoder's fixed-sign bands are a comb of tones
+                assert before > 0.2, (n_q, before)  # release 8: 0.68-0.91; release 9's decoder 0.26-0.47 (2 stages: 0.77-0.91)
 
 
 def test_tones_is_a_quality_column_and_a_floor():

@@ -14,6 +14,10 @@ each neighbourhood stays, the holes between the comb's teeth fill, and the decod
 inside a frame) are kept. It reads one frame at a time, so windowed decoding stays exact. Weights get one with
 ``python -m jobs.set_decode_rules``.
 
+``max_stages`` (codec version 5, release 9) limits it to decodes of at most that many RVQ stages: release 9's shared
+decoder was retrained with a 7-scale mel loss and fills its high bins itself (spreading them made every measure
+worse), while its 1.5 kbps rung decoder is release 8's and keeps its comb. Without it a spread acts at every rate.
+
 Tensors: ``coeffs: [B, n_bins, F]`` MDCT coefficients (``F`` frames).
 """
 from __future__ import annotations
@@ -27,9 +31,10 @@ MAX_WIDTH = 63
 
 
 class BinSpread(nn.Module):
-    """``first_bin``: the first MDCT bin spread; ``width``: the (odd) number of bins averaged around each."""
+    """``first_bin``: the first MDCT bin spread; ``width``: the (odd) number of bins averaged around each;
+    ``max_stages``: spread only decodes of at most this many RVQ stages (``applies``), of ``n_q``; ``None``: all."""
 
-    def __init__(self, first_bin: int, width: int, n_bins: int):
+    def __init__(self, first_bin: int, width: int, n_bins: int, max_stages: int | None = None, n_q: int = 32):
         super().__init__()
         first_bin, width = int(first_bin), int(width)
         if not 3 <= width <= MAX_WIDTH or width % 2 == 0:
@@ -38,6 +43,15 @@ class BinSpread(nn.Module):
             raise ValueError(f"bin spread: first bin {first_bin} leaves fewer than {width // 2 + 1} of {n_bins} bins")
         self.register_buffer("first_bin", torch.tensor(first_bin, dtype=torch.int64))
         self.register_buffer("width", torch.tensor(width, dtype=torch.int64))
+        if max_stages is not None:  # (a buffer only when set: release 8's spread hashes as it did)
+            if int(max_stages) != max_stages or not 1 <= int(max_stages) <= n_q:
+                raise ValueError(f"bin spread: max stages must be 1 to {n_q}, got {max_stages}")
+            self.register_buffer("max_stages", torch.tensor(int(max_stages), dtype=torch.int64))
+
+    def applies(self, n_stages: int) -> bool:
+        """Whether a decode of ``n_stages`` RVQ stages is spread."""
+        limit = getattr(self, "max_stages", None)
+        return limit is None or n_stages <= int(limit)
 
     def forward(self, coeffs: torch.Tensor) -> torch.Tensor:
         k0, w = int(self.first_bin), int(self.width)

@@ -35,7 +35,9 @@ decoded frame's bins from ``bin_spread.first_bin`` up then get the root-mean-squ
 (signs kept), which fills the fixed comb of near-empty bins the decoder leaves above a few kHz. It acts on the
 decoded coefficients before the band gains, in ``decode`` and in the encoder's decode of its own base alike. Such
 weights may also carry their own sign-dither cutoffs (``dither_cutoffs.table``, ``set_dither_cutoffs``), which then
-replace ``dither_from_hz`` (release 8: 9-16 stages from 2 kHz).
+replace ``dither_from_hz`` (release 8: 9-16 stages from 2 kHz). Codec version 5 (release 9) lets the spread act only
+on decodes of at most ``bin_spread.max_stages`` RVQ stages: release 9's shared decoder, trained with the 7-scale
+mel loss, fills its high bins itself, and only its 1.5 kbps decoder (release 8's) is spread.
 
 *Rung decoders*: a checkpoint may carry, beside the shared decoder, a dedicated decoder for one rung
 (``rung_decoders.<K>``: the shared decoder's shape, optionally with more residual blocks: a longer look-back,
@@ -167,8 +169,9 @@ class NeuralRvqCodec(Codec):
     #: 2: sign dither above dither_from_hz (decoded audio differs from version 1 there); 3: weights may carry band
     #: gains (``set_band_gains``), which then code the stages past their base (weights without them decode as in 2);
     #: 4: weights may carry a bin spread (``set_bin_spread``) and their own dither cutoffs (``set_dither_cutoffs``;
-    #: weights without them decode as in 3)
-    version = "4"
+    #: weights without them decode as in 3); 5: a bin spread may be limited to decodes of at most K stages
+    #: (``bin_spread.max_stages``; weights without one decode as in 4)
+    version = "5"
     sample_rate = 24000
     hop_length = 320
     codebook_size = 1024
@@ -294,7 +297,9 @@ class NeuralRvqCodec(Codec):
                 raise CodecUnavailableError(f"{where}: unusable band gains ({e})") from None
         if "bin_spread.first_bin" in sd:
             try:
-                self.set_bin_spread(int(sd["bin_spread.first_bin"]), int(sd["bin_spread.width"]))
+                limit = sd.get("bin_spread.max_stages")
+                self.set_bin_spread(int(sd["bin_spread.first_bin"]), int(sd["bin_spread.width"]),
+                                    None if limit is None else int(limit))
             except (KeyError, ValueError, TypeError, RuntimeError) as e:
                 raise CodecUnavailableError(f"{where}: unusable bin spread ({e})") from None
         if "dither_cutoffs.table" in sd:
@@ -316,10 +321,11 @@ class NeuralRvqCodec(Codec):
         return had
 
     # -- bin spread ----------------------------------------------------------------------------
-    def set_bin_spread(self, first_bin: int, width: int) -> BinSpread:
+    def set_bin_spread(self, first_bin: int, width: int, max_stages: int | None = None) -> BinSpread:
         """Even out each decoded frame's energy over ``width`` neighbouring bins from ``first_bin`` up
-        (``binspread.BinSpread``), in ``decode`` and in the band-gain encoder's decode of its base."""
-        self.bin_spread = BinSpread(first_bin, width, self.hop_length).to(self.feat_scale.device)
+        (``binspread.BinSpread``), in ``decode`` and in the band-gain encoder's decode of its base; only in decodes
+        of at most ``max_stages`` RVQ stages when given."""
+        self.bin_spread = BinSpread(first_bin, width, self.hop_length, max_stages, self.n_q).to(self.feat_scale.device)
         return self.bin_spread
 
     def clear_bin_spread(self) -> bool:
@@ -328,11 +334,12 @@ class NeuralRvqCodec(Codec):
         self.bin_spread = None
         return had
 
-    def decoded_coeffs(self, y: torch.Tensor) -> torch.Tensor:
-        """A decoder's output ``y: [B, hop, F]`` (normalised, companded) -> MDCT coefficients ``[B, hop, F]``, spread
-        (``bin_spread``) when the weights carry a spread; before any band gains."""
+    def decoded_coeffs(self, y: torch.Tensor, n_stages: int) -> torch.Tensor:
+        """A decoder's output ``y: [B, hop, F]`` (normalised, companded), decoded from ``n_stages`` RVQ stages ->
+        MDCT coefficients ``[B, hop, F]``, spread (``bin_spread``) when the weights carry a spread for that many
+        stages; before any band gains."""
         coeffs = self.unfeatures(y)
-        return coeffs if self.bin_spread is None else self.bin_spread(coeffs)
+        return coeffs if self.bin_spread is None or not self.bin_spread.applies(n_stages) else self.bin_spread(coeffs)
 
     # -- band gains ----------------------------------------------------------------------------
     def set_band_gains(self, edges, levels, base_stages: int = 16, silence_codes=None) -> BandGains:
@@ -443,7 +450,7 @@ class NeuralRvqCodec(Codec):
         y = self.decoder_for(bg.base)(self.rvq.decode(codes))  # [B, hop, b - a]
         el = self.encoder.rf[0]
         target = self.mdct(wav[:, 0, :])[..., back + el: back + el + y.shape[-1]]
-        gains = bg.encode(target, self.decoded_coeffs(y), n_q - bg.base)
+        gains = bg.encode(target, self.decoded_coeffs(y, bg.base), n_q - bg.base)
         return torch.cat([codes[..., back:], gains], dim=1)
 
     def _silence_padded(self, codes: torch.Tensor, wav: torch.Tensor) -> torch.Tensor:
@@ -471,7 +478,7 @@ class NeuralRvqCodec(Codec):
         y = dec(z[..., dl - dec.rf[0]: z.shape[-1] - (dr - dec.rf[1])])  # [B, hop, b - a + 1] = MDCT frames a..b
         if self.dither_signs:
             y = y * self.dither(codes[:, :k], y.shape[-1])
-        coeffs = self.decoded_coeffs(y)
+        coeffs = self.decoded_coeffs(y, k)
         if k < codes.shape[1]:  # band gains of MDCT frames a..b (code frames dl .. dl + b - a)
             coeffs = coeffs * self.band_gains.scale(codes[:, k:, dl: dl + y.shape[-1]], self.hop_length)
         return self.synthesize(coeffs)

@@ -51,14 +51,16 @@ register(CodecSpec("mdct_rvq", "MDCT frames + residual k-means codebooks learned
                    _mdct_rvq, WEIGHTS_DIR / "mdct_rvq.pt"))
 
 # Only the current release ships in full: an archive carries the exact weights it was made with
-# (archive/weights.py). Release 7 ships beside it as a 1.8 KiB delta (release 8 less its bin spread and
+# (archive/weights.py). Release 8 ships beside it as a 3.8 MiB delta (release 9 with release 8's shared decoder and
+# band gains, and its spread at every rate), release 7 as a 1.8 KiB delta over release 8 (less its bin spread and
 # dither cutoffs), release 6 as a 2 KiB delta over release 7 (less its band gains), so archives of format 1 made with
-# release 6 restore as they did, and a codec loads release 7 by hash without its archive; earlier releases live in
+# release 6 restore as they did, and a codec loads releases 7 and 8 by hash without their archive; earlier releases live in
 # the repository's deploy/weights/ for archives made before archives carried them
 # (`audioarc adopt-weights DEST deploy/weights/neural_rvq-<hash>.pt`).
 register(CodecSpec("neural_rvq", "MDCT-domain conv autoencoder + 16-stage RVQ + 16 band-gain stages, trained "
                    "(1.5-24 kbps)", _neural_rvq, WEIGHTS_DIR / "neural_rvq.pt",
-                   previous_weights=(WEIGHTS_DIR / "neural_rvq-6fe03fa4.pt", WEIGHTS_DIR / "neural_rvq-011c0d1d.pt")))
+                   previous_weights=(WEIGHTS_DIR / "neural_rvq-29818680.pt", WEIGHTS_DIR / "neural_rvq-6fe03fa4.pt",
+                                     WEIGHTS_DIR / "neural_rvq-011c0d1d.pt")))
 
 
 def _encodec_24khz() -> Codec:
