@@ -15,8 +15,9 @@ inside a frame) are kept. It reads one frame at a time, so windowed decoding sta
 ``python -m jobs.set_decode_rules``.
 
 ``max_stages`` (codec version 5, release 9) limits it to decodes of at most that many RVQ stages: release 9's shared
-decoder was retrained with a 7-scale mel loss and fills its high bins itself (spreading them made every measure
-worse), while its 1.5 kbps rung decoder is release 8's and keeps its comb. Without it a spread acts at every rate.
+decoder was retrained with a 7-scale mel loss and fills much of its comb itself (white noise at 8 stages: 36 % of
+the bins above 4.3 kHz more than 20 dB under the original's, release 8's decoder 84 %), and spreading what is left
+made the 7-scale mel worse; its 1.5 kbps rung decoder is release 8's and keeps its comb. Without it a spread acts at every rate.
 
 Tensors: ``coeffs: [B, n_bins, F]`` MDCT coefficients (``F`` frames).
 """

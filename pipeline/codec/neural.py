@@ -37,7 +37,8 @@ decoded coefficients before the band gains, in ``decode`` and in the encoder's d
 weights may also carry their own sign-dither cutoffs (``dither_cutoffs.table``, ``set_dither_cutoffs``), which then
 replace ``dither_from_hz`` (release 8: 9-16 stages from 2 kHz). Codec version 5 (release 9) lets the spread act only
 on decodes of at most ``bin_spread.max_stages`` RVQ stages: release 9's shared decoder, trained with the 7-scale
-mel loss, fills its high bins itself, and only its 1.5 kbps decoder (release 8's) is spread.
+mel loss, fills much of its comb itself (spreading the rest scored worse), and only its 1.5 kbps decoder (release
+8's) is spread.
 
 *Rung decoders*: a checkpoint may carry, beside the shared decoder, a dedicated decoder for one rung
 (``rung_decoders.<K>``: the shared decoder's shape, optionally with more residual blocks: a longer look-back,
