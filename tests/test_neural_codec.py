@@ -999,3 +999,22 @@ def test_cli_runs_the_codec_jobs_with_their_options(capsys, monkeypatch, tmp_pat
     assert main(["train", *argv]) == 3 and got["train"] == argv
     ev = [str(tmp_path), "--bitrates", "1.5", "6", "--no-visqol", "--out-dir", str(tmp_path / "ev")]
     assert main(["codec-eval", *ev]) == 3 and got["codec-eval"] == ev
+
+
+def test_every_earlier_release_loads_by_its_hash_and_release_8_codes_as_the_shipped_one():
+    """Each earlier release (shipped beside the current one, or in deploy/weights/) rebuilds over its base to the
+    checkpoint hash its file is named by; release 9 froze release 8's encoder and first 16 codebooks, so at 1.5-12
+    kbps both code alike, and a release-8 archive grows with release-9 codes at those rates."""
+    from pipeline.cluster import PACKAGE_ROOT
+    spec = registry.spec("neural_rvq")
+    files = [*spec.previous_weights, *sorted((PACKAGE_ROOT / "deploy" / "weights").glob("neural_rvq-*.pt"))]
+    assert len(files) >= 8
+    loaded = {}
+    for f in files:
+        c = registry.load("neural_rvq", f)
+        assert c.checkpoint_hash().startswith(f.stem.split("-")[1]), f
+        loaded[f.stem.split("-")[1]] = c
+    r8, r9 = loaded["29818680"], registry.load("neural_rvq")
+    x = (chirp(2.0) + 0.05 * np.random.default_rng(1).standard_normal(2 * RATE).astype(np.float32))[None]
+    for n_q in (2, 8, 16):
+        assert np.array_equal(encode_array(r8, x, n_q), encode_array(r9, x, n_q)), n_q
