@@ -57,7 +57,7 @@ def main(argv=None) -> Path:
             (4000.0 if old is None else int(old.first_bin) * codec.sample_rate / (2 * codec.hop_length))
         width = args.spread_width if args.spread_width is not None else (9 if old is None else int(old.width))
         limit = args.spread_max_stages if args.spread_max_stages is not None else \
-            (None if old is None or not hasattr(old, "max_stages") else int(old.max_stages))
+            (None if old is None else old.limit)
         limit = limit or None  # 0: every rate
         first = math.ceil(hz * 2 * codec.hop_length / codec.sample_rate)
         try:

@@ -49,10 +49,14 @@ class BinSpread(nn.Module):
                 raise ValueError(f"bin spread: max stages must be 1 to {n_q}, got {max_stages}")
             self.register_buffer("max_stages", torch.tensor(int(max_stages), dtype=torch.int64))
 
+    @property
+    def limit(self) -> int | None:
+        """The most RVQ stages a spread decode has (``max_stages``); ``None``: any number."""
+        return int(self.max_stages) if hasattr(self, "max_stages") else None
+
     def applies(self, n_stages: int) -> bool:
         """Whether a decode of ``n_stages`` RVQ stages is spread."""
-        limit = getattr(self, "max_stages", None)
-        return limit is None or n_stages <= int(limit)
+        return self.limit is None or n_stages <= self.limit
 
     def forward(self, coeffs: torch.Tensor) -> torch.Tensor:
         k0, w = int(self.first_bin), int(self.width)
